@@ -1,0 +1,47 @@
+"""Kernels for llama-mini: plain-PyTorch references and (where Triton runs) Triton kernels.
+
+Layout
+------
+``kernels.reference``
+    The plain-PyTorch reference of every op (RMSNorm, rotary embedding, SwiGLU, attention,
+    cross-entropy). The CPU path of the model and every kernel test use these.
+``kernels.triton_available()``
+    Whether Triton kernels can run here, and if not, why (``triton_unavailable_reason()``).
+
+This package never imports ``llama_mini`` or ``data`` (dependencies point one way), and it
+imports without Triton installed: Triton is only imported when a Triton kernel is asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+from . import reference
+
+__all__ = ["reference", "triton_available", "triton_unavailable_reason"]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if interpret:
+        return True, "triton interpreter (TRITON_INTERPRET=1): kernels run on CPU tensors, slowly"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+    return True, "triton on CUDA"
+
+
+def triton_available() -> bool:
+    """True when Triton kernels can run in this process (CUDA present, or the interpreter on)."""
+    return _triton_status()[0]
+
+
+def triton_unavailable_reason() -> str:
+    """A human-readable account of why Triton can or cannot run here."""
+    return _triton_status()[1]

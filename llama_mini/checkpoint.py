@@ -1,0 +1,205 @@
+"""Checkpoint formats: Meta's ``consolidated.NN.pth`` + ``params.json``, written atomically.
+
+A Meta checkpoint directory holds one weight shard per model-parallel rank,
+``consolidated.{rank:02d}.pth``, and ``params.json`` with Meta's ModelArgs keys only (so Meta's
+own code still loads it). llama-mini's extra settings (attention backend, RoPE scaling, ...)
+go beside them in ``llama_mini.json``.
+
+    save_meta_checkpoint(model, "ckpt/")             # every model-parallel rank calls it
+    model = load_meta_checkpoint("ckpt/")             # any number of shards -> this process's layout
+
+Loads use ``torch.load(..., weights_only=True)``. Writes go to a temporary file in the same
+directory, are flushed to disk, then renamed over the target, so a process killed mid-save
+leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import parallel
+from .config import ModelArgs
+
+__all__ = [
+    "CheckpointMismatchError",
+    "check_state_dict",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "save_meta_checkpoint",
+    "load_meta_state_dict",
+    "load_meta_checkpoint",
+]
+
+EXTRA_CONFIG = "llama_mini.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the model: missing or unexpected tensors, or wrong shapes."""
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Raise ``CheckpointMismatchError`` naming each tensor whose shape differs (with both
+    shapes) and, when ``strict``, each missing or unexpected key. Touches no tensor data."""
+    expected = model.state_dict()
+    problems = []
+    for name, tensor in state_dict.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            problems.append(
+                f"{name}: checkpoint has shape {tuple(tensor.shape)}, model expects {tuple(expected[name].shape)}"
+            )
+    if strict:
+        ignorable = {"rope.freqs"}
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected) - ignorable)
+        if missing:
+            problems.append(f"missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    if problems:
+        raise CheckpointMismatchError("state dict does not match the model:\n  " + "\n  ".join(problems))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def save_meta_checkpoint(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write this rank's shard ``consolidated.{rank:02d}.pth``; rank 0 also writes
+    ``params.json`` and ``llama_mini.json``. Every model-parallel rank must call it."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    rank = parallel.model_parallel_rank() if getattr(model, "mp_size", 1) > 1 else 0
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save(state, os.path.join(directory, f"consolidated.{rank:02d}.pth"))
+    if rank == 0:
+        args: ModelArgs = model.args
+        atomic_write_text(json.dumps(args.meta_params(), indent=2) + "\n", os.path.join(directory, "params.json"))
+        extra = {k: v for k, v in args.to_dict().items() if k not in args.meta_params()}
+        atomic_write_text(json.dumps(extra, indent=2) + "\n", os.path.join(directory, EXTRA_CONFIG))
+
+
+_SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
+
+
+def _shard_paths(directory: str) -> list[str]:
+    paths = sorted(glob.glob(os.path.join(glob.escape(directory), "consolidated.*.pth")))
+    paths = [p for p in paths if _SHARD_RE.search(p)]
+    if not paths:
+        raise FileNotFoundError(f"no consolidated.NN.pth shard in checkpoint directory {directory}")
+    ranks = [int(_SHARD_RE.search(p).group(1)) for p in paths]
+    if ranks != list(range(len(paths))):
+        raise ValueError(f"{directory}: shards are not numbered 00..{len(paths) - 1:02d}: {[os.path.basename(p) for p in paths]}")
+    return paths
+
+
+def _torch_load(path: str) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated or corrupt file, or a pickle that is not plain tensors
+        raise ValueError(f"cannot load checkpoint shard {path}: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def load_meta_state_dict(directory: str | os.PathLike, mp_rank: int = 0, mp_size: int = 1) -> dict[str, torch.Tensor]:
+    """The state dict model-parallel rank ``mp_rank`` of ``mp_size`` needs from a Meta
+    checkpoint directory, whatever the number of shards it was saved with."""
+    directory = os.fspath(directory)
+    paths = _shard_paths(directory)
+    if len(paths) == mp_size:
+        return _torch_load(paths[mp_rank])
+    full = parallel.merge_state_dicts([_torch_load(p) for p in paths])
+    return parallel.shard_state_dict(full, mp_rank, mp_size)
+
+
+def read_args(directory: str | os.PathLike, **overrides: Any) -> ModelArgs:
+    """ModelArgs from ``params.json`` (+ ``llama_mini.json`` if present), overrides applied.
+    A vocab_size of -1 (as Meta writes) is read from the weights."""
+    directory = os.fspath(directory)
+    extras: dict[str, Any] = {}
+    extra_path = os.path.join(directory, EXTRA_CONFIG)
+    if os.path.exists(extra_path):
+        with open(extra_path, encoding="utf-8") as f:
+            try:
+                extras = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{extra_path}: not valid JSON ({e})") from None
+    extras.update(overrides)
+    args = ModelArgs.from_params_json(os.path.join(directory, "params.json"), **extras)
+    if args.vocab_size == -1:
+        shard = _torch_load(_shard_paths(directory)[0])
+        if "tok_embeddings.weight" not in shard:
+            raise ValueError(f"{directory}: vocab_size is -1 and the shard has no tok_embeddings.weight to read it from")
+        args.vocab_size = int(shard["tok_embeddings.weight"].shape[0])
+    return args
+
+
+def load_meta_checkpoint(directory: str | os.PathLike, *, strict: bool = True, **overrides: Any) -> nn.Module:
+    """Build a ``Transformer`` from a Meta checkpoint directory and load its weights into this
+    process's layout (single process, or this rank's model-parallel shard)."""
+    from .model import Transformer
+
+    args = read_args(directory, **overrides)
+    model = Transformer(args)
+    rank = parallel.model_parallel_rank() if model.mp_size > 1 else 0
+    state = load_meta_state_dict(directory, rank, model.mp_size)
+    model.load_state_dict(state, strict=strict)
+    return model

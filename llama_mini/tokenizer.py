@@ -1,0 +1,185 @@
+"""SentencePiece tokenizer wrapper and a trainer for LLaMA-style BPE models.
+
+    tok = Tokenizer("tokenizer.model")
+    ids = tok.encode("The meaning of life is", bos=True, eos=False)
+    text = tok.decode(ids)
+
+``pad_id`` is always a valid token id: LLaMA's model file has no pad piece (SentencePiece
+reports -1), so the wrapper falls back to the unknown-token id, then to EOS. Padded targets are
+masked with the loss's ignore index anyway; the pad id only has to be embeddable.
+
+``train_tokenizer`` trains a BPE model with LLaMA's choices: byte fallback (no unknown
+characters, ever), digits split into single tokens, no text normalisation, whitespace kept.
+
+The ``data`` package takes any object with this interface (encode, decode, bos_id, eos_id,
+pad_id, vocab_size), so it never imports ``llama_mini``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, Iterator, Sequence
+
+__all__ = ["Tokenizer", "train_tokenizer"]
+
+
+class Tokenizer:
+    """Thin wrapper over ``sentencepiece.SentencePieceProcessor`` with LLaMA's conventions."""
+
+    def __init__(self, model_path: str | os.PathLike) -> None:
+        import sentencepiece as spm
+
+        model_path = os.fspath(model_path)
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        self.model_path = model_path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(model_path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{model_path}: not a SentencePiece model ({e})") from None
+        self.vocab_size: int = self.sp.GetPieceSize()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        pad = self.sp.pad_id()
+        if pad < 0:
+            pad = self.sp.unk_id() if self.sp.unk_id() >= 0 else self.eos_id
+        self.pad_id: int = pad
+
+    @property
+    def n_words(self) -> int:
+        """Meta's name for the vocabulary size."""
+        return self.vocab_size
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text``, with BOS prepended and/or EOS appended when asked."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        ids = self.sp.EncodeAsIds(text)
+        if bos:
+            ids = [self.bos_id] + ids
+        if eos:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        """``encode`` for each text (SentencePiece batches this internally)."""
+        out = self.sp.EncodeAsIds(list(texts))
+        if bos or eos:
+            out = [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; ids outside the vocabulary raise ``ValueError``."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"decode: token id {bad[0]} outside [0, vocab_size={self.vocab_size})")
+        return self.sp.DecodeIds(ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.IdToPiece(int(token_id))
+
+
+def _iter_sentences(source: Iterable[str], max_sentence_length: int) -> Iterator[str]:
+    """Split documents into non-empty lines, chopping lines longer than SentencePiece's limit
+    (it would otherwise skip them)."""
+    for doc in source:
+        for line in doc.splitlines():
+            if not line.strip():
+                continue
+            encoded = line.encode("utf-8")
+            if len(encoded) <= max_sentence_length:
+                yield line
+                continue
+            # chop on a character boundary below the byte limit
+            start = 0
+            while start < len(line):
+                end = min(len(line), start + max_sentence_length // 4)
+                yield line[start:end]
+                start = end
+
+
+def _iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
+    for path in paths:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"train_tokenizer: input file not found: {path}")
+        with open(path, encoding="utf-8", errors="strict") as f:
+            yield f.read()
+
+
+def train_tokenizer(
+    source: Iterable[str] | Sequence[str | os.PathLike],
+    model_prefix: str | os.PathLike,
+    vocab_size: int = 32000,
+    *,
+    from_files: bool | None = None,
+    character_coverage: float = 0.99995,
+    max_sentence_length: int = 16384,
+    input_sentence_size: int = 0,
+    num_threads: int | None = None,
+    extra_options: dict | None = None,
+) -> Tokenizer:
+    """Train a LLaMA-style SentencePiece BPE model and return it as a ``Tokenizer``.
+
+    source: text file paths (``from_files=True``), or an iterable of documents (strings).
+        When ``from_files`` is None, a list/tuple of existing paths is treated as files.
+    model_prefix: writes ``{model_prefix}.model`` and ``{model_prefix}.vocab``.
+    vocab_size: at least 256 byte pieces + 3 specials + some merges (so > 259).
+
+    Choices (as LLaMA's tokenizer): BPE, byte fallback, split digits, identity normalisation,
+    a dummy prefix space, whitespace kept as is; ids unk=0, bos=1, eos=2, no pad piece.
+    """
+    import sentencepiece as spm
+
+    if vocab_size <= 259:
+        raise ValueError(f"vocab_size must exceed 259 (256 byte pieces + unk/bos/eos), got {vocab_size}")
+    if from_files is None:
+        from_files = isinstance(source, (list, tuple)) and len(source) > 0 and all(
+            isinstance(p, (str, os.PathLike)) and os.path.isfile(os.fspath(p)) for p in source
+        )
+    docs: Iterable[str] = _iter_files(source) if from_files else source  # type: ignore[arg-type]
+    model_prefix = os.fspath(model_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    options = dict(
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=character_coverage,
+        max_sentence_length=max_sentence_length,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=input_sentence_size > 0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        num_threads=num_threads or max(1, os.cpu_count() or 1),
+        minloglevel=2,
+    )
+    options.update(extra_options or {})
+    sentences = _iter_sentences(docs, max_sentence_length)
+    first = next(sentences, None)
+    if first is None:
+        raise ValueError("train_tokenizer: the source holds no non-empty text")
+
+    def chained() -> Iterator[str]:
+        yield first
+        yield from sentences
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=chained(), model_writer=model, **options)
+    with open(model_prefix + ".model", "wb") as f:
+        f.write(model.getvalue())
+    tok = Tokenizer(model_prefix + ".model")
+    with open(model_prefix + ".vocab", "w", encoding="utf-8") as f:
+        for i in range(tok.vocab_size):
+            f.write(f"{tok.sp.IdToPiece(i)}\t{tok.sp.GetScore(i)}\n")
+    return tok

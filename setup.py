@@ -1,0 +1,36 @@
+"""Packaging for llama-mini: one distribution with the packages llama_mini, kernels and data.
+
+    pip install torch==2.13.0          # first, so the requirement below does not pull a CUDA build
+    pip install -e ".[dev,plot]"
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llama-mini",
+    version="0.1.0",
+    description="A from-scratch LLaMA-style transformer with Triton kernels, a streaming Pile "
+    "pipeline and a fairscale trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llama_mini", "llama_mini.*", "kernels", "kernels.*", "data", "data.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "sentencepiece",
+        "fairscale",
+        "zstandard",
+        "tqdm",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "dev": ["pytest", "hypothesis", "transformers"],
+        "plot": ["matplotlib"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
