@@ -4,14 +4,19 @@
     pip install -e ".[dev,plot]"
 """
 
+import os
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, "README.md")
 
 setup(
     name="llama-mini",
     version="0.1.0",
     description="A from-scratch LLaMA-style transformer with Triton kernels, a streaming Pile "
     "pipeline and a fairscale trainer",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(README, encoding="utf-8").read() if os.path.exists(README) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llama_mini", "llama_mini.*", "kernels", "kernels.*", "data", "data.*"]),

@@ -25,7 +25,11 @@ __all__ = ["reference", "triton_available", "triton_unavailable_reason"]
 
 @functools.lru_cache(maxsize=None)
 def _triton_status() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
+    try:
+        spec = importlib.util.find_spec("triton")
+    except (ImportError, ValueError):  # blocked by an import hook, or a None entry in sys.modules
+        spec = None
+    if spec is None:
         return False, "triton is not installed"
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if interpret:

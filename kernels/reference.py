@@ -42,7 +42,7 @@ __all__ = [
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim. x: (..., C), weight: (C,). Normalises in fp32 (as Meta and
     Hugging Face do), casts back to x's dtype, then scales by weight."""
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return normed.type_as(x) * weight
 
@@ -148,12 +148,13 @@ def attention(
 def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
-    """Mean token cross-entropy over targets != ignore_index, computed in fp32.
+    """Mean token cross-entropy over targets != ignore_index, computed in fp32 (or wider).
 
     logits: (..., V); targets: (...) integer. Returns a scalar; NaN-free 0 when nothing counts.
     """
     V = logits.shape[-1]
-    flat_logits = logits.reshape(-1, V).float()
+    flat_logits = logits.reshape(-1, V)
+    flat_logits = flat_logits.to(torch.promote_types(flat_logits.dtype, torch.float32))
     flat_targets = targets.reshape(-1)
     counted = (flat_targets != ignore_index).sum()
     total = F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index, reduction="sum")

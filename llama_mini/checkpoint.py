@@ -137,6 +137,8 @@ _SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 
 
 def _shard_paths(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     paths = sorted(glob.glob(os.path.join(glob.escape(directory), "consolidated.*.pth")))
     paths = [p for p in paths if _SHARD_RE.search(p)]
     if not paths:
@@ -197,6 +199,7 @@ def load_meta_checkpoint(directory: str | os.PathLike, *, strict: bool = True, *
     process's layout (single process, or this rank's model-parallel shard)."""
     from .model import Transformer
 
+    _shard_paths(os.fspath(directory))  # fail on a missing directory or shard before anything else
     args = read_args(directory, **overrides)
     model = Transformer(args)
     rank = parallel.model_parallel_rank() if model.mp_size > 1 else 0

@@ -65,6 +65,8 @@ def generate(
         raise ValueError("generate: no prompts")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     args = model.args
@@ -96,19 +98,20 @@ def generate(
                 next_token = torch.argmax(logits, dim=-1)
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
+            budget_left = cur_pos < lengths + max_new_tokens  # (B,) this token is within budget
             if eos_id is not None:
-                newly = (~is_prompt[:, cur_pos]) & (next_token == eos_id) & ~eos_reached
+                newly = (~is_prompt[:, cur_pos]) & budget_left & (next_token == eos_id) & ~eos_reached
                 ended_at = torch.where(newly, torch.full_like(ended_at, cur_pos), ended_at)
                 eos_reached |= newly
             prev_pos = cur_pos
-            if eos_id is not None and bool(eos_reached.all()):
+            if bool((eos_reached | (cur_pos + 1 >= lengths + max_new_tokens)).all()):
                 break
     finally:
         model.train(was_training)
     out = []
     for i in range(B):
-        start, stop = int(lengths[i]), int(ended_at[i])
-        stop = min(stop, prev_pos + 1)
+        start = int(lengths[i])
+        stop = min(int(ended_at[i]), start + max_new_tokens, prev_pos + 1)
         out.append(tokens[i, start:stop].tolist())
     return GenerationResult(out, eos_reached.tolist())
 

@@ -175,7 +175,10 @@ def train_tokenizer(
         yield from sentences
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=chained(), model_writer=model, **options)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=chained(), model_writer=model, **options)
+    except RuntimeError as e:  # e.g. vocab_size below 256 bytes + distinct characters + specials
+        raise ValueError(f"train_tokenizer: SentencePiece training failed: {e}") from None
     with open(model_prefix + ".model", "wb") as f:
         f.write(model.getvalue())
     tok = Tokenizer(model_prefix + ".model")

@@ -1,0 +1,66 @@
+"""Shared fixtures. Tests run on CPU; Triton kernels (later issues) run under its interpreter,
+which must be switched on before triton is imported."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from llama_mini import ModelArgs, Transformer
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    """A small GQA model: 4 query heads over 2 kv heads, head_dim 16, non-default theta."""
+    values = dict(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
+        max_seq_len=64, max_batch_size=8, rope_theta=50000.0,
+    )
+    values.update(overrides)
+    return ModelArgs(**values)
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny_args(**overrides)).to(dtype)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def synthetic_corpus(n_docs: int = 200, seed: int = 0) -> list[str]:
+    """Deterministic English-like documents with numbers and punctuation."""
+    import random
+
+    rng = random.Random(seed)
+    words = (
+        "the meaning of life is a question that people ask when they train small language models "
+        "and study how data length padding packing changes what each model learns from text"
+    ).split()
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        for _ in range(rng.randint(1, 6)):
+            s = " ".join(rng.choice(words) for _ in range(rng.randint(3, 14)))
+            if rng.random() < 0.3:
+                s += f" in {rng.randint(1900, 2030)}"
+            sentences.append(s.capitalize() + rng.choice([".", "!", "?"]))
+        docs.append(" ".join(sentences) + ("\n" if rng.random() < 0.5 else ""))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizer(tmp_path_factory):
+    from llama_mini import train_tokenizer
+
+    prefix = tmp_path_factory.mktemp("tok") / "tokenizer"
+    return train_tokenizer(synthetic_corpus(), prefix, vocab_size=400)

@@ -1,0 +1,104 @@
+"""Rotary embeddings: real arithmetic equals Meta's complex formulation; scaling rules match
+Hugging Face's implementations of them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llama_mini import ModelArgs, RopeScaling
+from llama_mini.rope import (
+    RotaryEmbedding,
+    apply_rotary_emb,
+    apply_rotary_emb_complex,
+    precompute_freqs_cis,
+    rope_cos_sin,
+    rope_frequencies,
+)
+
+
+@pytest.mark.parametrize("head_dim, theta", [(16, 10000.0), (64, 500000.0), (128, 10000.0)])
+def test_real_rope_equals_complex_rope(head_dim, theta):
+    torch.manual_seed(0)
+    B, T, H, Hkv = 2, 37, 4, 2
+    xq = torch.randn(B, T, H, head_dim)
+    xk = torch.randn(B, T, Hkv, head_dim)
+    freqs = rope_frequencies(head_dim, theta)
+    cos, sin = rope_cos_sin(torch.arange(T), freqs)
+    q_real, k_real = apply_rotary_emb(xq, xk, cos, sin)
+    q_cplx, k_cplx = apply_rotary_emb_complex(xq, xk, precompute_freqs_cis(head_dim, T, theta))
+    # Both are fp32 computations of the same product; they differ only by fp32 rounding.
+    torch.testing.assert_close(q_real, q_cplx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_real, k_cplx, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_preserves_norms_and_relative_positions():
+    torch.manual_seed(0)
+    D = 32
+    freqs = rope_frequencies(D, 10000.0)
+    q = torch.randn(1, 1, 1, D, dtype=torch.float64)
+    k = torch.randn(1, 1, 1, D, dtype=torch.float64)
+
+    def rotated(x, p):
+        cos, sin = rope_cos_sin(torch.tensor([p]), freqs)
+        return apply_rotary_emb(x, x, cos.double(), sin.double())[0]
+
+    torch.testing.assert_close(rotated(q, 17).norm(), q.norm())
+    # <R_m q, R_n k> depends only on m - n (fp32 tables: ~1e-6 relative)
+    a = (rotated(q, 10) * rotated(k, 3)).sum()
+    b = (rotated(q, 27) * rotated(k, 20)).sum()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_position_ids_pick_table_rows():
+    args = ModelArgs.preset("debug")
+    rope = RotaryEmbedding(args)
+    pos = torch.tensor([[0, 1, 2, 0, 1], [4, 5, 6, 7, 8]])
+    cos, sin = rope(torch.device("cpu"), 0, 5, pos)
+    assert cos.shape == (2, 5, args.head_dim // 2)
+    full_cos, _ = rope(torch.device("cpu"), 0, 9)
+    torch.testing.assert_close(cos[0, 3], full_cos[0])
+    torch.testing.assert_close(cos[1], full_cos[4:9])
+
+
+def _hf_inv_freq(rope_parameters, head_dim, max_pos):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(
+        hidden_size=head_dim * 2, num_attention_heads=2, max_position_embeddings=max_pos,
+        rope_parameters=rope_parameters,
+    )
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_parameters["rope_type"]](config, "cpu")
+    return inv_freq.double()
+
+
+def test_linear_scaling_matches_hugging_face():
+    ours = rope_frequencies(64, 10000.0, RopeScaling(type="linear", factor=4.0))
+    hf = _hf_inv_freq({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}, 64, 2048)
+    torch.testing.assert_close(ours, hf, rtol=1e-6, atol=0)  # HF computes in fp32
+
+
+def test_llama3_scaling_matches_hugging_face():
+    s = RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)
+    ours = rope_frequencies(128, 500000.0, s)
+    hf = _hf_inv_freq(
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
+        128, 131072,
+    )
+    torch.testing.assert_close(ours, hf, rtol=1e-6, atol=0)
+    base = rope_frequencies(128, 500000.0)
+    assert torch.equal(ours[:5], base[:5])  # high frequencies untouched
+    torch.testing.assert_close(ours[-1], base[-1] / 8)  # lowest frequency fully scaled
+
+
+def test_ntk_scaling_changes_the_base():
+    D = 64
+    ours = rope_frequencies(D, 10000.0, RopeScaling(type="ntk", factor=4.0))
+    theta = 10000.0 * 4.0 ** (D / (D - 2))
+    expected = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    torch.testing.assert_close(ours, expected)
+    assert ours[0] == 1.0 and math.isclose(float(ours[-1]), float(expected[-1]))
