@@ -14,8 +14,8 @@ README = os.path.join(HERE, "README.md")
 setup(
     name="llama-mini",
     version="0.1.0",
-    description="A from-scratch LLaMA-style transformer with Triton kernels, a streaming Pile "
-    "pipeline and a fairscale trainer",
+    description="A from-scratch LLaMA-style transformer library for training and studying small "
+    "language models",
     long_description=open(README, encoding="utf-8").read() if os.path.exists(README) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -30,7 +30,7 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "transformers"],
+        "dev": ["pytest", "hypothesis", "transformers>=5"],
         "plot": ["matplotlib"],
     },
     classifiers=[

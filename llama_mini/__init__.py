@@ -18,7 +18,7 @@ from .checkpoint import (
     save_meta_checkpoint,
 )
 from .config import PRESETS, ModelArgs, RopeScaling
-from .generate import generate
+from .generation import GenerationResult, generate
 from .hf import args_from_hf_config, hf_config_dict, hf_to_meta_state_dict, meta_to_hf_state_dict
 from .kv_cache import KVCache
 from .model import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock, count_params
@@ -34,7 +34,7 @@ __all__ = [
     "Transformer", "TransformerBlock", "Attention", "FeedForward", "RMSNorm", "count_params",
     "register_attention_backend", "attention_backends", "get_attention_backend", "attention_fallbacks",
     "register_op", "resolutions",
-    "KVCache", "generate",
+    "KVCache", "generate", "GenerationResult",
     "save_meta_checkpoint", "load_meta_checkpoint", "load_meta_state_dict", "check_state_dict",
     "CheckpointMismatchError",
     "meta_to_hf_state_dict", "hf_to_meta_state_dict", "hf_config_dict", "args_from_hf_config",

@@ -50,6 +50,7 @@ class _Backend:
 
 _BACKENDS: dict[str, _Backend] = {}
 _FALLBACKS: dict[tuple[str, str], str] = {}
+_AVAILABLE: dict[tuple[str, str], tuple[bool, str]] = {}  # (name, device type) -> available()
 
 
 def register_attention_backend(
@@ -61,6 +62,8 @@ def register_attention_backend(
     the model uses ``sdpa`` instead and logs why.
     """
     _BACKENDS[name] = _Backend(fn, available)
+    for key in [k for k in _AVAILABLE if k[0] == name]:
+        del _AVAILABLE[key]
 
 
 def attention_backends() -> list[str]:
@@ -79,7 +82,10 @@ def get_attention_backend(name: str, device: torch.device | None = None) -> Atte
         raise ValueError(f"unknown attention backend {name!r}; registered: {attention_backends()}")
     backend = _BACKENDS[name]
     if device is not None and backend.available is not None:
-        ok, why = backend.available(device)
+        key = (name, device.type)
+        if key not in _AVAILABLE:
+            _AVAILABLE[key] = backend.available(device)
+        ok, why = _AVAILABLE[key]
         if not ok:
             key = (name, device.type)
             if key not in _FALLBACKS:
@@ -119,11 +125,15 @@ def sdpa_attention(
     """
     Tq, Tk = q.shape[2], k.shape[2]
     n_rep = q.shape[1] // k.shape[1]
-    # Expanding k/v keeps SDPA on its fused kernels, which do not all accept enable_gqa.
+    if Tq == 1 and document_ids is None:
+        # One decode step: the query sees every cached key; enable_gqa reads the cache as is
+        # instead of copying it n_rep times per layer per token.
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=n_rep > 1)
+    # Elsewhere expand k/v, which keeps SDPA on fused kernels that do not all accept enable_gqa.
     k = reference.repeat_kv(k, n_rep)
     v = reference.repeat_kv(v, n_rep)
-    if document_ids is None and (not causal or Tq == Tk or Tq == 1):
-        is_causal = causal and Tq == Tk and Tq > 1
+    if document_ids is None and (not causal or Tq == Tk):
+        is_causal = causal and Tq > 1
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
     mask = reference.attention_mask(Tq, Tk, causal=causal, document_ids=document_ids, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -92,6 +92,7 @@ class ModelArgs:
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     init_std: float = 0.02  # std of normal weight init; residual outputs scaled by 1/sqrt(2L)
     ignore_index: int = -100  # target id that does not count towards the loss
+    validate_inputs: bool = True  # range-check token/target/position ids each forward (one host sync)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -155,9 +156,21 @@ class ModelArgs:
         return cls(**values)
 
     def meta_params(self) -> dict[str, Any]:
-        """The dict Meta writes as params.json (only keys Meta's ModelArgs accepts)."""
-        params = {k: getattr(self, k) for k in META_PARAMS_KEYS}
-        if self.rope_scaling.type == "llama3" and self.rope_scaling.factor == 8.0:
+        """The dict Meta writes as params.json. Keys that LLaMA-2's reference code does not
+        know (n_kv_heads, ffn_dim_multiplier, rope_theta, use_scaled_rope) are written only
+        when they differ from its defaults, so the file loads in the oldest code that can run
+        the model."""
+        params: dict[str, Any] = {
+            "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
+            "vocab_size": self.vocab_size, "multiple_of": self.multiple_of, "norm_eps": self.norm_eps,
+        }
+        if self.n_kv_heads != self.n_heads:
+            params["n_kv_heads"] = self.n_kv_heads
+        if self.ffn_dim_multiplier is not None:
+            params["ffn_dim_multiplier"] = self.ffn_dim_multiplier
+        if self.rope_theta != 10000.0:
+            params["rope_theta"] = self.rope_theta
+        if self.rope_scaling.type == "llama3" and self.rope_scaling == RopeScaling(type="llama3", factor=8.0):
             params["use_scaled_rope"] = True  # Llama 3.1's spelling of its default scaling
         return params
 

@@ -8,8 +8,9 @@ compute identical attention scores:
     meta -> hf:  W.view(H, D/2, 2, C).transpose(1, 2).reshape(H*D, C)
     hf -> meta:  W.view(H, 2, D/2, C).transpose(1, 2).reshape(H*D, C)
 
-(H is n_heads for wq and n_kv_heads for wk.) ``transformers`` is only needed for the config
-helpers that build a ``LlamaConfig``; the state-dict conversions are plain tensor work.
+(H is n_heads for wq and n_kv_heads for wk.) The state-dict conversions are plain tensor work.
+``hf_config_dict`` targets transformers >= 5, whose ``LlamaConfig`` takes RoPE settings as
+``rope_parameters``; ``args_from_hf_config`` also reads the older ``rope_theta``/``rope_scaling``.
 """
 
 from __future__ import annotations

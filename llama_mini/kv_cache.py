@@ -1,7 +1,8 @@
 """The key/value cache used only by the generation path.
 
 The training forward never allocates one. A cache holds, per layer, keys and values of shape
-(max_batch_size, n_local_kv_heads, max_seq_len, head_dim); position p of sequence b is written
+(batch_size, n_local_kv_heads, max_seq_len, head_dim), with batch_size <= ModelArgs.max_batch_size
+and max_seq_len <= ModelArgs.max_seq_len; position p of sequence b is written
 once, when the token at p is fed, and read by every later step.
 """
 

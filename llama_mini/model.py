@@ -33,7 +33,7 @@ from . import ops, parallel
 from .attention import get_attention_backend
 from .config import ModelArgs
 from .kv_cache import KVCache
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, rope_frequencies
 
 __all__ = ["RMSNorm", "Attention", "FeedForward", "TransformerBlock", "Transformer", "count_params"]
 
@@ -149,12 +149,18 @@ class Transformer(nn.Module):
 
     def __init__(self, args: ModelArgs, model_parallel: bool | None = None) -> None:
         """``model_parallel``: None = use fairscale's layers iff its model parallel is
-        initialised with size > 1; False = plain layers even then (a reference copy)."""
+        initialised with size > 1; False = plain layers even then (a reference copy);
+        True = require initialised model parallel (an error otherwise)."""
         super().__init__()
         if args.vocab_size <= 0:
             raise ValueError(
                 "ModelArgs.vocab_size is -1 (unknown); set it, or load with load_meta_checkpoint, "
                 "which reads it from the weights"
+            )
+        if model_parallel is True and not parallel.model_parallel_is_initialized():
+            raise RuntimeError(
+                "Transformer(model_parallel=True) but fairscale model parallel is not initialised; call "
+                "fairscale.nn.model_parallel.initialize.initialize_model_parallel(size) after init_process_group"
             )
         mp_size = parallel.model_parallel_size() if model_parallel is not False else 1
         use_parallel = mp_size > 1
@@ -180,9 +186,11 @@ class Transformer(nn.Module):
         key = prefix + "rope.freqs"
         if key in state_dict:
             freqs = state_dict.pop(key).double().cpu()
-            ours = self.rope.freqs
-            # Meta stores them in bf16: 8 mantissa bits, relative rounding error <= 2^-9.
-            if freqs.shape != ours.shape or not torch.allclose(freqs, ours, rtol=4e-3, atol=0):
+            # The file records the frequencies the model was trained with; RoPE scaling added
+            # now (to reach longer contexts) legitimately changes ours, so compare unscaled.
+            trained = rope_frequencies(self.args.head_dim, self.args.rope_theta)
+            # Meta stores them in bf16: 8 significant bits, relative rounding error <= 2^-8.
+            if freqs.shape != trained.shape or not torch.allclose(freqs, trained, rtol=4e-3, atol=0):
                 raise ValueError(
                     f"checkpoint's rope.freqs (shape {tuple(freqs.shape)}) disagree with the RoPE frequencies "
                     f"implied by head_dim={self.args.head_dim}, rope_theta={self.args.rope_theta}"
@@ -208,12 +216,17 @@ class Transformer(nn.Module):
         n_matmul = count_params(self.args, include_embeddings=False) - self.args.dim * (2 * self.args.n_layers + 1)
         return 6.0 * n_matmul + 12.0 * self.args.n_layers * self.args.dim * seq_len
 
+    def _validate(self) -> bool:
+        """Whether to range-check ids now: on unless switched off (ModelArgs.validate_inputs)
+        or while torch.compile traces (data-dependent checks would break the graph)."""
+        return self.args.validate_inputs and not torch.compiler.is_compiling()
+
     def _check_tokens(self, tokens: torch.Tensor, name: str = "tokens") -> None:
         if tokens.dim() != 2:
             raise ValueError(f"{name} must be (batch, seq_len), got shape {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"{name} must be an integer tensor, got {tokens.dtype}")
-        if tokens.numel() and not torch.compiler.is_compiling():
+        if tokens.numel() and self._validate():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.args.vocab_size:
                 bad = lo if lo < 0 else hi
@@ -242,7 +255,7 @@ class Transformer(nn.Module):
         for name, extra in (("targets", targets), ("position_ids", position_ids), ("document_ids", document_ids)):
             if extra is not None and tuple(extra.shape) != (B, T):
                 raise ValueError(f"{name} must have the shape of tokens {(B, T)}, got {tuple(extra.shape)}")
-        if targets is not None and targets.numel() and not torch.compiler.is_compiling():
+        if targets is not None and targets.numel() and self._validate():
             counted = targets[targets != self.args.ignore_index]
             if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= self.args.vocab_size):
                 bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
@@ -250,7 +263,7 @@ class Transformer(nn.Module):
                     f"targets contain id {bad} outside [0, vocab_size={self.args.vocab_size}) "
                     f"(and not ignore_index={self.args.ignore_index})"
                 )
-        if position_ids is not None and position_ids.numel() and not torch.compiler.is_compiling():
+        if position_ids is not None and position_ids.numel() and self._validate():
             if int(position_ids.min()) < 0 or int(position_ids.max()) >= self.args.max_seq_len:
                 raise ValueError(f"position_ids must lie in [0, max_seq_len={self.args.max_seq_len})")
 

@@ -18,10 +18,13 @@ pad_id, vocab_size), so it never imports ``llama_mini``.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from typing import Iterable, Iterator, Sequence
 
 __all__ = ["Tokenizer", "train_tokenizer"]
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -127,7 +130,9 @@ def train_tokenizer(
     source: text file paths (``from_files=True``), or an iterable of documents (strings).
         When ``from_files`` is None, a list/tuple of existing paths is treated as files.
     model_prefix: writes ``{model_prefix}.model`` and ``{model_prefix}.vocab``.
-    vocab_size: at least 256 byte pieces + 3 specials + some merges (so > 259).
+    vocab_size: at least 256 byte pieces + 3 specials + every distinct character. It is an
+        upper bound: a corpus too small to support that many merges yields a smaller
+        vocabulary (with a logged warning); read ``Tokenizer.vocab_size`` for the real size.
 
     Choices (as LLaMA's tokenizer): BPE, byte fallback, split digits, identity normalisation,
     a dummy prefix space, whitespace kept as is; ids unk=0, bos=1, eos=2, no pad piece.
@@ -182,6 +187,11 @@ def train_tokenizer(
     with open(model_prefix + ".model", "wb") as f:
         f.write(model.getvalue())
     tok = Tokenizer(model_prefix + ".model")
+    if tok.vocab_size < vocab_size:  # hard_vocab_limit=False: a small corpus yields fewer pieces
+        log.warning(
+            "train_tokenizer: asked for %d pieces, the corpus supports only %d; the model has %d",
+            vocab_size, tok.vocab_size, tok.vocab_size,
+        )
     with open(model_prefix + ".vocab", "w", encoding="utf-8") as f:
         for i in range(tok.vocab_size):
             f.write(f"{tok.sp.IdToPiece(i)}\t{tok.sp.GetScore(i)}\n")

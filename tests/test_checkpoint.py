@@ -137,3 +137,21 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_vocab_minus_one_model_cannot_be_built_blind():
     with pytest.raises(ValueError, match="vocab_size is -1"):
         Transformer(ModelArgs.preset("debug", vocab_size=-1))
+
+
+def test_meta_llama2_checkpoint_loads_with_rope_scaling_added(tmp_path):
+    model = make_model()
+    sd = model.state_dict()
+    sd["rope.freqs"] = model.rope.freqs.to(torch.bfloat16)  # frequencies it was trained with
+    scaled = make_model(seed=1, rope_scaling=RopeScaling(type="linear", factor=2.0))
+    scaled.load_state_dict(sd)  # the file's unscaled frequencies are consistent with the args
+    assert torch.equal(scaled.output.weight, model.output.weight)
+
+
+def test_params_json_is_what_llama2_code_accepts():
+    # Meta's LLaMA-2 7B params.json has exactly these keys (vocab_size -1 there, from the tokenizer)
+    assert ModelArgs.preset("llama2-7b").meta_params() == {
+        "dim": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 32000, "multiple_of": 256, "norm_eps": 1e-05,
+    }
+    gqa = ModelArgs.preset("tinyllama-1.1b", rope_theta=500000.0).meta_params()
+    assert gqa["n_kv_heads"] == 4 and gqa["rope_theta"] == 500000.0

@@ -9,7 +9,8 @@ import torch
 
 from conftest import make_model
 from llama_mini import generate, save_meta_checkpoint
-from llama_mini.generate import main, sample_top_p
+from llama_mini.generate import main
+from llama_mini.generation import sample_top_p
 
 PROMPTS = [[1, 5, 9, 13, 2, 40], [1, 7], [1, 3, 3, 3, 60, 61, 62, 63, 64, 65, 66], [1, 90, 4]]
 
@@ -98,3 +99,20 @@ def test_cli_generates_from_a_checkpoint_directory(tmp_path, capsys, trained_tok
     expected = generate(model.eval(), [prompt_ids], 5, eos_id=trained_tokenizer.eos_id)
     text = trained_tokenizer.decode(prompt_ids + expected.tokens[0])
     assert out.splitlines()[0].startswith(text)
+
+
+def test_vocab_limit_keeps_padded_ids_out():
+    model = make_model(init_std=0.2).eval()
+    free = generate(model, PROMPTS, 10).tokens
+    top = max(max(t) for t in free)
+    limited = generate(model, PROMPTS, 10, vocab_limit=top).tokens
+    assert all(i < top for t in limited for i in t)
+
+
+def test_module_cli_runs_without_import_warnings():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "llama_mini.generate", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--checkpoint" in proc.stdout
+    assert "RuntimeWarning" not in proc.stderr, proc.stderr

@@ -195,3 +195,17 @@ def test_no_kv_cache_on_the_training_path(monkeypatch):
     monkeypatch.setattr(kvc.KVCache, "__init__", boom)
     model = make_model()
     model(*_batch(model.args)).backward()
+
+
+def test_validation_can_be_switched_off_for_speed():
+    model = make_model(validate_inputs=False)
+    checked = make_model()
+    tokens = torch.randint(0, 97, (2, 9))
+    assert torch.equal(model(tokens), checked(tokens))
+    with pytest.raises(IndexError):  # torch's own error, not ours: the range check is off
+        model(torch.tensor([[97]]))
+
+
+def test_requiring_model_parallel_without_initialising_it_fails():
+    with pytest.raises(RuntimeError, match="model parallel is not initialised"):
+        Transformer(tiny_args(), model_parallel=True)
