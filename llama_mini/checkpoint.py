@@ -20,7 +20,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Any
+from typing import IO, Any, Callable
 
 import torch
 import torch.nn as nn
@@ -80,15 +80,17 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it over
+    ``path``, fsync the directory. On any failure the temporary file is removed and ``path``
+    keeps its previous content."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -97,25 +99,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    _atomic_write(path, lambda f: f.write(text), "w")
 
 
 def save_meta_checkpoint(model: nn.Module, directory: str | os.PathLike) -> None:
