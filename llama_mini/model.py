@@ -227,7 +227,7 @@ class Transformer(nn.Module):
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"{name} must be an integer tensor, got {tokens.dtype}")
         if tokens.numel() and self._validate():
-            lo, hi = int(tokens.min()), int(tokens.max())
+            lo, hi = _min_max(tokens)
             if lo < 0 or hi >= self.args.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"{name} contains id {bad} outside [0, vocab_size={self.args.vocab_size})")
@@ -256,15 +256,16 @@ class Transformer(nn.Module):
             if extra is not None and tuple(extra.shape) != (B, T):
                 raise ValueError(f"{name} must have the shape of tokens {(B, T)}, got {tuple(extra.shape)}")
         if targets is not None and targets.numel() and self._validate():
-            counted = targets[targets != self.args.ignore_index]
-            if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= self.args.vocab_size):
-                bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
+            lo, hi = _min_max(torch.where(targets == self.args.ignore_index, 0, targets))
+            if lo < 0 or hi >= self.args.vocab_size:
+                bad = lo if lo < 0 else hi
                 raise ValueError(
                     f"targets contain id {bad} outside [0, vocab_size={self.args.vocab_size}) "
                     f"(and not ignore_index={self.args.ignore_index})"
                 )
         if position_ids is not None and position_ids.numel() and self._validate():
-            if int(position_ids.min()) < 0 or int(position_ids.max()) >= self.args.max_seq_len:
+            lo, hi = _min_max(position_ids)
+            if lo < 0 or hi >= self.args.max_seq_len:
                 raise ValueError(f"position_ids must lie in [0, max_seq_len={self.args.max_seq_len})")
 
         h = self.tok_embeddings(tokens)  # (B, T, C)
@@ -314,6 +315,12 @@ class Transformer(nn.Module):
 
         check_state_dict(self, state_dict, strict=strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _min_max(t: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an integer tensor as Python ints, with a single device-to-host copy."""
+    lo, hi = torch.stack([t.min(), t.max()]).tolist()
+    return int(lo), int(hi)
 
 
 def _to_at_least_fp32(x: torch.Tensor) -> torch.Tensor:
