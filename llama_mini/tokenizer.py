@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from typing import Iterable, Iterator, Sequence
 
 __all__ = ["Tokenizer", "train_tokenizer"]
@@ -88,7 +89,9 @@ class Tokenizer:
 def _iter_sentences(source: Iterable[str], max_sentence_length: int) -> Iterator[str]:
     """Split documents into non-empty lines, chopping lines longer than SentencePiece's limit
     (it would otherwise skip them)."""
-    for doc in source:
+    for index, doc in enumerate(source):
+        if not isinstance(doc, str):
+            raise TypeError(f"train_tokenizer: document {index} is {type(doc).__name__}, expected str")
         for line in doc.splitlines():
             if not line.strip():
                 continue
@@ -102,6 +105,25 @@ def _iter_sentences(source: Iterable[str], max_sentence_length: int) -> Iterator
                 end = min(len(line), start + max_sentence_length // 4)
                 yield line[start:end]
                 start = end
+
+
+_FILE_NAME = re.compile(r"^\S+\.[A-Za-z0-9]{1,8}$")
+
+
+def _decide_files(source: Iterable) -> bool:
+    """Whether a source of undeclared kind lists files (see ``train_tokenizer``)."""
+    if not isinstance(source, (list, tuple)) or not source:
+        return False
+    if any(isinstance(s, os.PathLike) for s in source):
+        return True
+    strings = [s for s in source if isinstance(s, str)]
+    exists = [os.path.isfile(s) for s in strings]
+    if strings and all(exists):
+        return True
+    if any(exists) or (strings and all(_FILE_NAME.match(s) for s in strings)):
+        missing = next(s for s, e in zip(strings, exists) if not e)
+        raise FileNotFoundError(f"train_tokenizer: input file not found: {missing}")
+    return False
 
 
 def _iter_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
@@ -127,8 +149,12 @@ def train_tokenizer(
 ) -> Tokenizer:
     """Train a LLaMA-style SentencePiece BPE model and return it as a ``Tokenizer``.
 
-    source: text file paths (``from_files=True``), or an iterable of documents (strings).
-        When ``from_files`` is None, a list/tuple of existing paths is treated as files.
+    source: a text file path, a list of them, or an iterable of documents (strings).
+        ``from_files`` says which; when None it is decided: a single path or any
+        ``os.PathLike`` item means files, as does a list whose strings are all existing files.
+        A list where some strings name files and others do not, or where every string looks
+        like a file name (one word ending in an extension) but none exists, raises
+        ``FileNotFoundError`` naming the first missing one rather than training on the names.
     model_prefix: writes ``{model_prefix}.model`` and ``{model_prefix}.vocab``.
     vocab_size: at least 256 byte pieces + 3 specials + every distinct character. It is an
         upper bound: a corpus too small to support that many merges yields a smaller
@@ -141,10 +167,17 @@ def train_tokenizer(
 
     if vocab_size <= 259:
         raise ValueError(f"vocab_size must exceed 259 (256 byte pieces + unk/bos/eos), got {vocab_size}")
+    if isinstance(source, (str, os.PathLike)):
+        if from_files is False:
+            raise TypeError("train_tokenizer: documents must be an iterable of str, not a single str")
+        source, from_files = [source], True
     if from_files is None:
-        from_files = isinstance(source, (list, tuple)) and len(source) > 0 and all(
-            isinstance(p, (str, os.PathLike)) and os.path.isfile(os.fspath(p)) for p in source
-        )
+        from_files = _decide_files(source)
+    if from_files:  # check every file before training starts, not midway through it
+        source = [os.fspath(p) for p in source]  # type: ignore[union-attr]
+        for path in source:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"train_tokenizer: input file not found: {path}")
     docs: Iterable[str] = _iter_files(source) if from_files else source  # type: ignore[arg-type]
     model_prefix = os.fspath(model_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
@@ -175,14 +208,22 @@ def train_tokenizer(
     if first is None:
         raise ValueError("train_tokenizer: the source holds no non-empty text")
 
+    source_errors: list[BaseException] = []
+
     def chained() -> Iterator[str]:
         yield first
-        yield from sentences
+        try:
+            yield from sentences
+        except Exception as e:  # SentencePiece would wrap it in an opaque RuntimeError
+            source_errors.append(e)
+            raise
 
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=chained(), model_writer=model, **options)
     except RuntimeError as e:  # e.g. vocab_size below 256 bytes + distinct characters + specials
+        if source_errors:
+            raise source_errors[0] from None
         raise ValueError(f"train_tokenizer: SentencePiece training failed: {e}") from None
     with open(model_prefix + ".model", "wb") as f:
         f.write(model.getvalue())

@@ -72,12 +72,13 @@ def test_two_shard_checkpoint_loads_into_one_process(tmp_path):
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
     model = make_model()
-    sd = model.state_dict()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sd = make_model(seed=1).state_dict()  # every other tensor differs from the model's
     sd["layers.1.feed_forward.w3.weight"] = torch.zeros(7, 64)
     with pytest.raises(CheckpointMismatchError, match=r"layers\.1\.feed_forward\.w3\.weight: checkpoint has shape \(7, 64\), model expects \(176, 64\)"):
         model.load_state_dict(sd)
-    before = model.layers[1].feed_forward.w3.weight.clone()
-    assert torch.equal(model.layers[1].feed_forward.w3.weight, before)  # nothing copied
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} was copied before the check failed"
     sd = model.state_dict()
     del sd["norm.weight"]
     sd["extra.weight"] = torch.zeros(1)

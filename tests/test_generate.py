@@ -54,6 +54,15 @@ def test_stops_at_eos():
         assert got == expected
 
 
+def test_eos_beyond_a_prompts_budget_does_not_finish_it():
+    model = make_model(init_std=0.2).eval()
+    prompts = [[1, 7], [1, 3, 3, 3, 60, 61, 62, 63]]  # the short prompt decodes 6 extra steps
+    free = generate(model, prompts, 12).tokens
+    eos = next(t for t in free[0][3:12] if t not in free[0][:3])  # emitted only after 3 tokens
+    result = generate(model, prompts, 3, eos_id=eos)
+    assert result.tokens[0] == free[0][:3] and result.finished[0] is False
+
+
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy():
     model = make_model(init_std=0.2).eval()
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
@@ -62,6 +71,13 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy():
     assert a == b
     greedy = generate(model, PROMPTS, 8).tokens
     assert generate(model, PROMPTS, 8, temperature=0.7, top_p=1e-6, generator=g()).tokens == greedy
+    # a vanishing temperature concentrates all mass on the argmax
+    assert generate(model, PROMPTS, 8, temperature=1e-4, generator=g()).tokens == greedy
+    # real sampling departs from greedy, and another seed gives another sample
+    hot = generate(model, PROMPTS, 8, temperature=5.0, generator=g()).tokens
+    assert hot != greedy
+    other = generate(model, PROMPTS, 8, temperature=5.0, generator=torch.Generator().manual_seed(1)).tokens
+    assert other != hot
 
 
 def test_sample_top_p_keeps_the_nucleus_only():

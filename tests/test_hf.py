@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from conftest import make_model, tiny_args  # noqa: E402
-from llama_mini import (  # noqa: E402
+import transformers  # noqa: F401  (a dev requirement: parity must never skip silently)
+from conftest import make_model, tiny_args
+from llama_mini import (
     RopeScaling,
     Transformer,
     args_from_hf_config,

@@ -30,6 +30,16 @@ def test_rms_norm_low_precision_normalises_in_fp32():
     torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-2, atol=1e-2)  # bf16 output rounding
 
 
+def test_rms_norm_low_precision_follows_metas_rounding_order():
+    torch.manual_seed(0)
+    x = torch.randn(3, 17, 64, dtype=torch.bfloat16)
+    w = torch.randn(64, dtype=torch.bfloat16)
+    # Meta: self._norm(x.float()).type_as(x) * self.weight: round to bf16, then scale in bf16
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16) * w
+    assert torch.equal(reference.rms_norm(x, w, 1e-5), expected)
+
+
 def test_swiglu():
     a, b = torch.randn(7, 13, dtype=torch.float64), torch.randn(7, 13, dtype=torch.float64)
     torch.testing.assert_close(reference.swiglu(a, b), a / (1 + torch.exp(-a)) * b)
@@ -60,6 +70,9 @@ def test_document_mask_is_block_diagonal_and_causal():
         [0, 0, 0, 0, 0, 1],
     ])
     assert torch.equal(m, expected)
+    # two decode-time queries (the last two keys) against all six keys: the last rows above
+    tail = reference.attention_mask(2, 6, causal=True, document_ids=doc)[0, 0].int()
+    assert torch.equal(tail, expected[4:])
     with pytest.raises(ValueError, match=r"document_ids must have shape \(B, T_k=6\)"):
         reference.attention_mask(6, 6, causal=True, document_ids=doc[:, :5])
 

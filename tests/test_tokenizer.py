@@ -66,6 +66,21 @@ def test_errors():
         train_tokenizer(["/no/file.txt"], "/tmp/never", vocab_size=300, from_files=True)
 
 
+def test_file_sources_are_never_mistaken_for_text(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(synthetic_corpus(60)), encoding="utf-8")
+    tok = train_tokenizer(str(good), tmp_path / "single", vocab_size=360)  # one path, as a str
+    assert tok.decode(tok.encode("the meaning of life")) == "the meaning of life"
+    with pytest.raises(FileNotFoundError, match="input file not found: .*typo.txt"):
+        train_tokenizer([str(good), str(tmp_path / "typo.txt")], tmp_path / "x", vocab_size=360)
+    with pytest.raises(FileNotFoundError, match="input file not found: .*typo.txt"):
+        train_tokenizer([good, tmp_path / "typo.txt"], tmp_path / "x", vocab_size=360)
+    with pytest.raises(FileNotFoundError, match="input file not found: corpus.txt"):
+        train_tokenizer(["corpus.txt"], tmp_path / "x", vocab_size=360)
+    with pytest.raises(TypeError, match="document 1 is bytes, expected str"):
+        train_tokenizer(iter(["some text here", b"bytes"]), tmp_path / "x", vocab_size=360)
+
+
 def test_bad_model_file_and_bad_ids(tmp_path, trained_tokenizer):
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a sentencepiece model")
