@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["llama_mini", "llama_mini.*", "kernels", "kernels.*", "data", "data.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "numpy",
         "sentencepiece",
         "fairscale",

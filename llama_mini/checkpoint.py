@@ -187,15 +187,42 @@ def read_args(directory: str | os.PathLike, **overrides: Any) -> ModelArgs:
     return args
 
 
-def load_meta_checkpoint(directory: str | os.PathLike, *, strict: bool = True, **overrides: Any) -> nn.Module:
+def load_meta_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    strict: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    **overrides: Any,
+) -> nn.Module:
     """Build a ``Transformer`` from a Meta checkpoint directory and load its weights into this
-    process's layout (single process, or this rank's model-parallel shard)."""
+    process's layout (single process, or this rank's model-parallel shard).
+
+    In a single process the model is built on the ``meta`` device, so no memory is spent on
+    (and no time on randomly initialising) weights about to be replaced; the checkpoint's
+    tensors are moved to ``device``, cast to ``dtype`` (None keeps the file's dtype, e.g.
+    Meta's bf16) and taken as the parameters. Under model parallel, and with ``strict=False``
+    (where missing tensors keep a normal initialisation), the model is built normally and the
+    tensors are copied in.
+    ``overrides`` replace ModelArgs fields (e.g. ``max_seq_len``, ``attn_backend``).
+    """
     from .model import Transformer
 
     _shard_paths(os.fspath(directory))  # fail on a missing directory or shard before anything else
     args = read_args(directory, **overrides)
-    model = Transformer(args)
+    # fairscale's parallel layers allocate their weights on the CPU whatever the device
+    # context, so under model parallel the model is built normally (then overwritten).
+    on_meta = strict and parallel.model_parallel_size() == 1
+    if on_meta:
+        with torch.device("meta"):
+            model = Transformer(args)
+    else:
+        model = Transformer(args).to(device=device, dtype=dtype)
     rank = parallel.model_parallel_rank() if model.mp_size > 1 else 0
     state = load_meta_state_dict(directory, rank, model.mp_size)
-    model.load_state_dict(state, strict=strict)
+    state = {
+        k: v.to(device=device, dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+        for k, v in state.items()
+    }
+    model.load_state_dict(state, strict=strict, assign=on_meta)
     return model

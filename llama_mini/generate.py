@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    parser.add_argument(
+        "--max-seq-len", type=int, default=None,
+        help="context length (default: the checkpoint's llama_mini.json, else 2048); prompt + new tokens must fit",
+    )
     parser.add_argument("--attn-backend", default=None, help="attention backend override (eager, sdpa, ...)")
     ns = parser.parse_args(argv)
 
@@ -42,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     tok_path = ns.tokenizer or os.path.join(ns.checkpoint, "tokenizer.model")
     tokenizer = Tokenizer(tok_path)
     overrides = {"attn_backend": ns.attn_backend} if ns.attn_backend else {}
-    model = load_meta_checkpoint(ns.checkpoint, **overrides)
+    if ns.max_seq_len is not None:
+        overrides["max_seq_len"] = ns.max_seq_len
+    model = load_meta_checkpoint(ns.checkpoint, device=ns.device, dtype=getattr(torch, ns.dtype), **overrides)
     if model.args.vocab_size < tokenizer.vocab_size:
         raise SystemExit(
             f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}"
         )
-    model = model.to(device=ns.device, dtype=getattr(torch, ns.dtype)).eval()
+    model.eval()
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
     prompts = [tokenizer.encode(p, bos=True) for p in ns.prompt]
     result = generate(

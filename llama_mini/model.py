@@ -224,7 +224,7 @@ class Transformer(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor, name: str = "tokens") -> None:
         if tokens.dim() != 2:
             raise ValueError(f"{name} must be (batch, seq_len), got shape {tuple(tokens.shape)}")
-        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        if tokens.dtype not in _INT_DTYPES:
             raise TypeError(f"{name} must be an integer tensor, got {tokens.dtype}")
         if tokens.numel() and self._validate():
             lo, hi = _min_max(tokens)
@@ -253,8 +253,12 @@ class Transformer(nn.Module):
         if T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds ModelArgs.max_seq_len={self.args.max_seq_len}")
         for name, extra in (("targets", targets), ("position_ids", position_ids), ("document_ids", document_ids)):
-            if extra is not None and tuple(extra.shape) != (B, T):
+            if extra is None:
+                continue
+            if tuple(extra.shape) != (B, T):
                 raise ValueError(f"{name} must have the shape of tokens {(B, T)}, got {tuple(extra.shape)}")
+            if extra.dtype not in _INT_DTYPES:
+                raise TypeError(f"{name} must be an integer tensor, got {extra.dtype}")
         if targets is not None and targets.numel() and self._validate():
             lo, hi = _min_max(torch.where(targets == self.args.ignore_index, 0, targets))
             if lo < 0 or hi >= self.args.vocab_size:
@@ -266,10 +270,12 @@ class Transformer(nn.Module):
         if position_ids is not None and position_ids.numel() and self._validate():
             lo, hi = _min_max(position_ids)
             if lo < 0 or hi >= self.args.max_seq_len:
-                raise ValueError(f"position_ids must lie in [0, max_seq_len={self.args.max_seq_len})")
+                raise ValueError(
+                    f"position_ids must lie in [0, max_seq_len={self.args.max_seq_len}), got values in [{lo}, {hi}]"
+                )
 
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        cos, sin = self.rope(tokens.device, 0, T, position_ids)
+        cos, sin = self.rope(tokens.device, 0, T, position_ids, dtype=h.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, document_ids, use_reentrant=False)
@@ -302,7 +308,7 @@ class Transformer(nn.Module):
                 f"positions {start_pos}..{start_pos + T - 1} do not fit the KV cache of length {cache.max_seq_len}"
             )
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope(tokens.device, start_pos, T)
+        cos, sin = self.rope(tokens.device, start_pos, T, dtype=h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, None, cache, start_pos)
         return _to_at_least_fp32(self.output(self.norm(h)))
@@ -315,6 +321,9 @@ class Transformer(nn.Module):
 
         check_state_dict(self, state_dict, strict=strict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 def _min_max(t: torch.Tensor) -> tuple[int, int]:

@@ -112,12 +112,34 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.
             raise ValueError(f"model-parallel shard {i} has different tensors from shard 0: {diff[:5]}")
     out = {}
     for name in names:
-        dim = shard_dim(name)
+        dim = _merge_dim(name, shards)
+        parts = [s[name] for s in shards]
         if dim is None:
-            out[name] = shards[0][name]
-        else:
-            out[name] = torch.cat([s[name] for s in shards], dim=dim)
+            for i, part in enumerate(parts[1:], start=1):
+                if part.shape != parts[0].shape or not torch.equal(part, parts[0]):
+                    raise ValueError(f"{name}: replicated tensor differs between shard 0 and shard {i}")
+            out[name] = parts[0]
+            continue
+        try:
+            out[name] = torch.cat(parts, dim=dim)
+        except RuntimeError as e:
+            shapes = [tuple(p.shape) for p in parts]
+            raise ValueError(f"{name}: shards of shapes {shapes} do not concatenate on dim {dim}: {e}") from None
     return out
+
+
+def _merge_dim(name: str, shards: list[dict[str, torch.Tensor]]) -> int | None:
+    """The dim along which ``name`` was split. Meta's LLaMA-1/2 shard the embedding table on
+    the model dim (ParallelEmbedding); Llama 3 shards it on the vocabulary
+    (VocabParallelEmbedding). The output projection, split on the vocabulary in both, tells
+    which: a shard whose width equals the model dim was split on the vocabulary."""
+    dim = shard_dim(name)
+    if dim == 1 and name.endswith("tok_embeddings.weight"):
+        prefix = name[: -len("tok_embeddings.weight")]
+        output = shards[0].get(prefix + "output.weight")
+        if output is not None and shards[0][name].shape[1] == output.shape[1]:
+            return 0
+    return dim
 
 
 def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

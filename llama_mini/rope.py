@@ -38,7 +38,8 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
     scaling = scaling or RopeScaling()
     if scaling.type == "ntk":
         theta = theta * scaling.factor ** (head_dim / (head_dim - 2))
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    # device="cpu" explicitly: models are also built under a `with torch.device("meta")` context
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     if scaling.type == "linear":
         freqs = freqs / scaling.factor
     elif scaling.type == "llama3":
@@ -55,16 +56,18 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = 
     return freqs
 
 
-def rope_cos_sin(positions: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the angles positions x freqs, computed in float64, returned as fp32 on
-    positions' device.
+def rope_cos_sin(
+    positions: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles positions x freqs, computed in float64, returned in ``dtype``
+    (fp32 by default) on positions' device.
 
     positions: (T,) or (B, T) integers; freqs: (D/2,). Returns two tensors of shape
     positions.shape + (D/2,).
     """
     # float64 on the CPU (some backends, e.g. MPS, have no float64), then fp32 on the target.
     angles = positions.to("cpu", torch.float64)[..., None] * freqs.to("cpu", torch.float64)
-    return torch.cos(angles).float().to(positions.device), torch.sin(angles).float().to(positions.device)
+    return torch.cos(angles).to(dtype).to(positions.device), torch.sin(angles).to(dtype).to(positions.device)
 
 
 def apply_rotary_emb(
@@ -76,12 +79,12 @@ def apply_rotary_emb(
 
 
 def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
-    """Meta's complex table e^{i p f_i}, shape (end, D/2), complex64. Reference only."""
-    freqs = rope_frequencies(head_dim, theta)
-    t = torch.arange(end, dtype=torch.float64)
-    return torch.polar(torch.ones(end, head_dim // 2, dtype=torch.float64), torch.outer(t, freqs)).to(
-        torch.complex64
-    )
+    """Meta's complex table e^{i p f_i}, shape (end, D/2), complex64. Reference only: written
+    as Meta writes it (fp32 frequencies), independently of ``rope_frequencies``."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].float() / head_dim))
+    t = torch.arange(end, device="cpu", dtype=torch.float32)
+    freqs = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)
 
 
 def apply_rotary_emb_complex(
@@ -100,27 +103,37 @@ class RotaryEmbedding:
     """Caches cos/sin tables per device for positions 0..max_seq_len-1.
 
     Deliberately not an ``nn.Module`` buffer: the tables stay fp32 when the model is cast to
-    fp16/bf16, never appear in a state dict, and are rebuilt lazily for whatever device the
-    input lives on (no ``.cuda()`` anywhere).
+    fp16/bf16 (fp64 for a float64 model, so float64 references are exact), never appear in a
+    state dict, and are rebuilt lazily for whatever device the input lives on (no ``.cuda()``
+    anywhere).
     """
 
     def __init__(self, args: ModelArgs) -> None:
         self.freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
         self.max_seq_len = args.max_seq_len
-        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._tables:
+    def table(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (max_seq_len, D/2) cos and sin tables, fp32 unless float64 is asked for."""
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (device, dtype)
+        if key not in self._tables:
             positions = torch.arange(self.max_seq_len, device=device)
-            self._tables[device] = rope_cos_sin(positions, self.freqs)
-        return self._tables[device]
+            self._tables[key] = rope_cos_sin(positions, self.freqs, dtype)
+        return self._tables[key]
 
     def __call__(
-        self, device: torch.device, start_pos: int, seq_len: int, position_ids: torch.Tensor | None = None
+        self,
+        device: torch.device,
+        start_pos: int,
+        seq_len: int,
+        position_ids: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (T, D/2) for positions start_pos.., or (B, T, D/2) when explicit
-        position_ids (B, T) are given (positions restarting per packed document)."""
-        cos, sin = self.table(device)
+        position_ids (B, T) are given (positions restarting per packed document). ``dtype`` is
+        the activations' dtype: float64 gets float64 tables, everything else fp32."""
+        cos, sin = self.table(device, dtype)
         if position_ids is None:
             return cos[start_pos : start_pos + seq_len], sin[start_pos : start_pos + seq_len]
         return cos[position_ids], sin[position_ids]

@@ -156,3 +156,26 @@ def test_params_json_is_what_llama2_code_accepts():
     }
     gqa = ModelArgs.preset("tinyllama-1.1b", rope_theta=500000.0).meta_params()
     assert gqa["n_kv_heads"] == 4 and gqa["rope_theta"] == 500000.0
+
+
+def test_load_builds_no_random_weights_and_honours_dtype_and_device(tmp_path, monkeypatch):
+    model = make_model()
+    save_meta_checkpoint(model.to(torch.bfloat16), tmp_path)  # weights stored in bf16, as Meta's
+    devices = []
+    real_normal = torch.nn.init.normal_
+    def spy(*a, **k):
+        devices.append((a[0] if a else k["tensor"]).device.type)
+        return real_normal(*a, **k)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", spy)
+    kept = load_meta_checkpoint(tmp_path, dtype=None)
+    # built on the meta device: initialising weights about to be replaced costs no memory or time
+    assert devices and set(devices) == {"meta"}
+    assert kept.output.weight.dtype == torch.bfloat16 and kept.output.weight.device.type == "cpu"
+    assert torch.equal(kept.output.weight, model.output.weight)
+    fp32 = load_meta_checkpoint(tmp_path)
+    assert fp32.output.weight.dtype == torch.float32 and fp32.output.weight.requires_grad
+    assert not any(p.is_meta for p in fp32.parameters())
+    monkeypatch.undo()
+    partial = load_meta_checkpoint(tmp_path, strict=False)
+    assert torch.equal(partial.output.weight.bfloat16(), model.output.weight)

@@ -45,6 +45,21 @@ def test_shard_then_merge_is_identity():
         merge_state_dicts(shards)
 
 
+def test_merge_reads_llama3_vocab_parallel_embeddings_and_checks_replicas():
+    full = make_model(vocab_size=98).state_dict()
+    shards = [shard_state_dict(full, r, 2) for r in range(2)]
+    for r in range(2):  # Llama 3 splits the embedding table on the vocabulary, not the width
+        shards[r]["tok_embeddings.weight"] = full["tok_embeddings.weight"].chunk(2, dim=0)[r]
+    assert torch.equal(merge_state_dicts(shards)["tok_embeddings.weight"], full["tok_embeddings.weight"])
+    shards[1]["norm.weight"] = shards[1]["norm.weight"] + 1
+    with pytest.raises(ValueError, match="norm.weight: replicated tensor differs between shard 0 and shard 1"):
+        merge_state_dicts(shards)
+    shards = [shard_state_dict(full, r, 2) for r in range(2)]
+    shards[1]["layers.0.attention.wq.weight"] = torch.zeros(32, 3)
+    with pytest.raises(ValueError, match=r"layers.0.attention.wq.weight: shards of shapes \[\(32, 64\), \(32, 3\)\]"):
+        merge_state_dicts(shards)
+
+
 def test_single_process_needs_no_distributed_setup():
     assert not model_parallel_is_initialized()
     assert model_parallel_size() == 1
@@ -62,6 +77,7 @@ def test_model_parallel_2_matches_single_process(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["ok"]
     assert result["max_abs_diff"]["logits"] < 1e-5
+    assert set(result["errors"]) == {"n_kv_heads=1", "vocab_size=97"}
     # the two-shard checkpoint written by the parallel run loads into one process
     model = load_meta_checkpoint(tmp_path / "ckpt", max_seq_len=64, attn_backend="eager")
     assert model.mp_size == 1
