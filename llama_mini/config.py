@@ -18,20 +18,6 @@ from typing import Any
 
 __all__ = ["ModelArgs", "PRESETS", "RopeScaling", "ffn_hidden_dim"]
 
-# The keys Meta's own ``ModelArgs`` accepts in params.json. Anything else we write goes to a
-# separate file so that Meta's code can still construct its ModelArgs(**params).
-META_PARAMS_KEYS = (
-    "dim",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "vocab_size",
-    "multiple_of",
-    "ffn_dim_multiplier",
-    "norm_eps",
-    "rope_theta",
-)
-
 ROPE_SCALING_TYPES = ("none", "linear", "ntk", "llama3")
 
 

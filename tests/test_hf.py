@@ -23,12 +23,24 @@ def _hf_model(args, seed=0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(**hf_config_dict(args), attn_implementation="eager")
-    model = LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():  # HF initialises norms to ones; randomise them so the map is tested
+    return _randomise_norms(LlamaForCausalLM(config).float().eval())
+
+
+def _randomise_norms(model):
+    """Norm weights start at ones; perturb them so the name map of norms is really tested."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def _ours_from_hf(args):
+    """A random HF model and our model loaded from it through the conversion."""
+    hf = _hf_model(args)
+    ours = Transformer(args).eval()
+    ours.load_state_dict(hf_to_meta_state_dict(hf.state_dict(), args))
+    return ours, hf
 
 
 def _batch(vocab, B=2, T=23, seed=5):
@@ -56,18 +68,11 @@ def _compare(ours: Transformer, hf, args):
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 def test_hf_to_ours_same_logits_and_loss(backend):
     args = tiny_args(attn_backend=backend)
-    hf = _hf_model(args)
-    ours = Transformer(args).eval()
-    ours.load_state_dict(hf_to_meta_state_dict(hf.state_dict(), args))
-    _compare(ours, hf, args)
+    _compare(*_ours_from_hf(args), args)
 
 
 def test_ours_to_hf_same_logits_and_loss():
-    ours = make_model().eval()
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    ours = _randomise_norms(make_model().eval())
     args = ours.args
     hf = _hf_model(args, seed=123)
     missing, unexpected = hf.load_state_dict(meta_to_hf_state_dict(ours.state_dict(), args), strict=False)
@@ -80,10 +85,7 @@ def test_ours_to_hf_same_logits_and_loss():
 )
 def test_rope_scaling_parity(scaling):
     args = tiny_args(rope_scaling=scaling)
-    hf = _hf_model(args)
-    ours = Transformer(args).eval()
-    ours.load_state_dict(hf_to_meta_state_dict(hf.state_dict(), args))
-    _compare(ours, hf, args)
+    _compare(*_ours_from_hf(args), args)
 
 
 def test_round_trip_state_dict_is_exact():

@@ -3,14 +3,13 @@ honours the ignore index, the paths and switches behave, bad input is refused.""
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import torch
 
 from conftest import make_model, tiny_args
 from kernels import reference
-from llama_mini import ModelArgs, Transformer, resolutions
+from llama_mini import Transformer, resolutions
 
 
 def _batch(args, B=3, T=29, seed=1):
