@@ -31,7 +31,7 @@ policies of ``data.packing`` (``best-fit``, ``packed-docmask``). Names:
 ``impute``         documents concatenated into one stream, cut into full max_len windows
 ``pad+discard``    first max_len tokens of each document, padded to max_len
 ``pad+impute``     each document cut into max_len chunks, the last padded
-``informed``       first chunk kept; overflow chunks kept when at least ``tolerance`` long
+``informed``       first max_len kept; the overflow kept (own sequences) when >= ``tolerance``
 ``naive-discard``  ``discard`` with max_len = the shortest document of the input
 ``naive-impute``   ``impute`` with max_len = the shortest document of the input
 =================  ==========================================================================
@@ -450,14 +450,18 @@ class PadImputePolicy(SequencePolicy):
 
 @register_policy
 class InformedPolicy(SequencePolicy):
-    """The first max_len chunk of each document, plus overflow chunks worth keeping.
+    """Informed overflow: the first max_len tokens of each document, plus the overflow when it
+    is long enough to be worth learning from.
 
-    The overflow past the first max_len tokens is cut into further max_len chunks; each
-    becomes a padded sequence of its own when it has at least ``tolerance`` tokens and is
-    dropped otherwise (only the last chunk can be that short). The first chunk is always
-    kept, however short. Example, max_len=2, tolerance=2::
+    The overflow (everything past the first max_len tokens) is kept when it has at least
+    ``tolerance`` tokens, as new sequences of its own (cut into max_len chunks, the last one
+    padded, never joined with another document), and dropped whole otherwise. Every sequence is
+    padded to max_len. ``tolerance`` may exceed max_len (the homework used 150 and 200 at
+    max_len 100): then only overflows longer than a whole sequence survive. Example, max_len=2,
+    tolerance=2::
 
-        [a0 a1 a2 a3 a4], [b0]  ->  [a0 a1], [a2 a3], [b0 pad]     (a4 dropped: 1 < 2)
+        [a0 a1 a2], [b0 b1 b2 b3 b4], [c0]  ->  [a0 a1], [b0 b1], [b2 b3], [b4 pad], [c0 pad]
+                                                (a2 dropped: an overflow of 1 < 2)
     """
 
     name = "informed"
@@ -465,14 +469,8 @@ class InformedPolicy(SequencePolicy):
     def __init__(self, max_len: int | None = None, *, tolerance: int | None = None, **kwargs: Any) -> None:
         super().__init__(max_len, **kwargs)
         if tolerance is None:
-            raise ValueError("policy 'informed' needs tolerance (shortest overflow chunk to keep)")
-        tolerance = _positive_int("policy 'informed'", "tolerance", tolerance)
-        if tolerance > self.max_len:
-            raise ValueError(
-                f"policy 'informed': tolerance={tolerance} is larger than max_len={self.max_len}; "
-                "no overflow chunk could ever be kept"
-            )
-        self.tolerance = tolerance
+            raise ValueError("policy 'informed' needs tolerance (the shortest overflow worth keeping)")
+        self.tolerance = _positive_int("policy 'informed'", "tolerance", tolerance)
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "tolerance": self.tolerance}
@@ -480,7 +478,8 @@ class InformedPolicy(SequencePolicy):
     def _feed(self, inputs: list[int], targets: list[int]) -> None:
         n, L = len(inputs), self.max_len
         spans = [(0, min(L, n))]
-        spans += [(s, min(s + L, n)) for s in range(L, n, L) if min(s + L, n) - s >= self.tolerance]
+        if n - L >= self.tolerance:
+            spans += [(s, min(s + L, n)) for s in range(L, n, L)]
         self._emit_spans(inputs, targets, spans)
 
 
