@@ -114,3 +114,22 @@ def test_build_passes_reader_options(shards, trained_tokenizer):
     assert sum(b["input_ids"].shape[0] for b in pipe) == 6
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         DataPipeline.build(shards, trained_tokenizer, batch_size=0)
+
+
+def test_command_line_selects_a_policy_by_name(shards, trained_tokenizer):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "data", "--source", shards, "--tokenizer", trained_tokenizer.model_path,
+           "--policy", "informed", "--max-len", "16", "--tolerance", "20", "--batch-size", "4", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads(proc.stdout)
+    expected = DataPipeline.build(shards, trained_tokenizer, policy="informed", max_len=16, batch_size=4,
+                                  policy_options={"tolerance": 20})
+    list(expected)
+    assert counts == expected.counts()
+    assert counts["policy"]["tokens_dropped"] > 0  # tolerance 20 > max_len: short overflows dropped
+    bad = subprocess.run(cmd[:-1] + ["--policy", "nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
