@@ -17,7 +17,6 @@ Stages, each usable alone (see ``docs/data.md``):
   ``data.tokenizer``  the SentencePiece ``Tokenizer`` and ``train_tokenizer`` (re-exported by llama_mini)
 """
 
-from .builtin import DefaultData, default_cache_dir, ensure_default_data
 from .collate import Collator, DocMaskCollator, build_collator
 from .compression import CorruptShardError
 from .http import HTTPSourceError
@@ -27,6 +26,16 @@ from .reader import BadDocumentError, PileReader, describe_sample
 from .sources import expand_sources, open_shard
 from .tokenized import StreamingTokenizedDataset, TokenizedDataset, tokenize_document
 from .tokenizer import Tokenizer, train_tokenizer
+
+
+def __getattr__(name: str):
+    # data.builtin is imported on first use, so ``python -m data.builtin`` does not find it
+    # already imported (runpy warns about that)
+    if name in ("DefaultData", "default_cache_dir", "ensure_default_data"):
+        from . import builtin
+
+        return getattr(builtin, name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 __all__ = [
     "PileReader", "describe_sample", "expand_sources", "open_shard",

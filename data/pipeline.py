@@ -19,6 +19,7 @@ shard across workers, and give up exact resume.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterator
 
 import torch
@@ -71,10 +72,23 @@ class DataPipeline:
         return cls(PileReader(sources, **reader_options), tokenizer, built, batch_size, drop_last=drop_last)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.policy.max_len_rule == "forbidden" and self.policy.max_len is None:
+            self._resolve_naive_max_len()
         return self.policy.batches(self.examples, self.batch_size, self.collator, drop_last=self.drop_last)
 
+    def _resolve_naive_max_len(self) -> None:
+        """The naive policies' max_len is the shortest document: find it in a first pass over a
+        copy of the reader, so the real pass streams (bounded memory, exact resume) as usual."""
+        probe = StreamingTokenizedDataset(copy.deepcopy(self.reader), self.examples.encode.tokenizer)
+        shortest = min((len(ex["input_ids"]) for ex in probe), default=None)
+        if shortest is None:
+            raise ValueError(f"policy {self.policy.name!r}: the data holds no document to take max_len from")
+        self.policy.max_len = shortest
+
     def set_epoch(self, epoch: int) -> None:
-        """Start the reader's next epoch (new shuffle order); the policy's buffers carry over."""
+        """Select the reader's epoch (shuffle order). Each pass ends with the policy's ``flush``,
+        so what it buffered (impute's short remainder, best-fit's last pieces) is emitted or
+        dropped then, and counted; the next epoch starts with empty buffers."""
         self.reader.set_epoch(epoch)
 
     def counts(self) -> dict[str, dict]:

@@ -20,7 +20,8 @@ shards in the epoch's order:
 Lines are assigned before they are parsed, so every line, good or bad, belongs to exactly one
 reader: every document is delivered by exactly one (rank, worker) pair per epoch. Rank and world
 size come from the arguments, else from ``torch.distributed`` when it is initialised; under model
-parallelism pass the *data-parallel* rank and size.
+parallelism pass the *data-parallel* rank and size (the reader refuses to guess: the global rank
+would feed each model-parallel rank different documents).
 
 Shuffling. With ``shuffle=True`` the shard order is permuted per epoch and documents pass through
 a buffer of ``shuffle_buffer`` documents (each new document replaces a uniformly chosen one, which
@@ -30,9 +31,12 @@ is yielded). The seed is ``(seed, epoch, reader)``, so it changes with ``set_epo
 Resume. ``state_dict()`` taken between two documents records the epoch, the shard and line
 cursors, the shuffle buffer and its RNG state, and the counts; after ``load_state_dict`` the next
 document is exactly the one that would have come next, and none is delivered twice. Lines
-already consumed are skipped without parsing. The state belongs to one reader: it covers the
-reader iterated in this process (a DataLoader with ``num_workers=0``, as the trainer uses); a
-state taken with another reader layout is refused.
+already consumed are skipped without parsing (a resumed shard is decompressed, or downloaded,
+again up to the cursor). The state holds the shuffle buffer's documents, so it grows with
+``shuffle_buffer``. It belongs to one reader: it covers the reader iterated in this process
+(``num_workers=0``; a DataLoader's workers iterate copies, and the main process's state does not
+move); a state taken with another reader layout, other sources or other settings (seed,
+shuffle, filters, cap) is refused.
 
 Bad input. A truncated or corrupt shard, a missing file and an HTTP error are errors naming the
 source. A line that is not JSON, not an object, not UTF-8, or has no string ``text`` raises
@@ -46,6 +50,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -58,8 +63,9 @@ __all__ = ["BadDocumentError", "ReaderCounts", "PileReader", "reader_slot", "ass
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("bad_json", "bad_utf8", "not_object", "missing_text", "empty", "blank_line", "filtered")
 MAX_SKIP_LOCATIONS = 1000
+UNLOGGED = ("filtered", "blank_line")  # expected in normal data: counted, not logged or located
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class BadDocumentError(ValueError):
@@ -73,16 +79,18 @@ class ReaderCounts:
     documents: int = 0  # documents delivered
     lines: int = 0  # lines of this reader's share that were examined
     skipped: Counter = field(default_factory=Counter)  # reason -> lines skipped
-    skipped_at: list = field(default_factory=list)  # (source, line, reason), the first MAX_SKIP_LOCATIONS
+    skipped_at: list = field(default_factory=list)  # (source, line, reason) of the first bad lines
     bytes_decompressed: int = 0  # decompressed bytes of every shard opened (whole lines, all readers' shares)
     shards_started: int = 0
     shards_completed: int = 0
 
     def skip(self, source: str, line: int, reason: str) -> None:
         self.skipped[reason] += 1
+        if reason in UNLOGGED:
+            return
         if len(self.skipped_at) < MAX_SKIP_LOCATIONS:
             self.skipped_at.append((source, line, reason))
-        if self.skipped[reason] <= 10 and reason not in ("filtered", "blank_line"):
+        if self.skipped[reason] <= 10:
             log.warning("skipped %s line %d: %s", source, line, reason)
 
     def as_dict(self) -> dict:
@@ -114,6 +122,12 @@ def reader_slot(rank: int | None = None, world_size: int | None = None) -> tuple
     from torch.utils.data import get_worker_info
 
     if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
+        if _model_parallel_size() > 1:
+            raise ValueError(
+                "model parallelism is initialised: pass the data-parallel rank and world size to the "
+                "reader (rank=..., world_size=...); the global rank would give each model-parallel "
+                "rank different documents"
+            )
         rank, world_size = dist.get_rank(), dist.get_world_size()
     rank = 0 if rank is None else rank
     world_size = 1 if world_size is None else world_size
@@ -122,6 +136,14 @@ def reader_slot(rank: int | None = None, world_size: int | None = None) -> tuple
     info = get_worker_info()
     workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
     return rank * workers + worker, world_size * workers
+
+
+def _model_parallel_size() -> int:
+    try:
+        from fairscale.nn.model_parallel import initialize as mpu
+    except ImportError:
+        return 1
+    return mpu.get_model_parallel_world_size() if mpu.model_parallel_is_initialized() else 1
 
 
 def assign_shards(num_shards: int, reader: int, num_readers: int) -> list[tuple[int, int, int]]:
@@ -147,6 +169,10 @@ class PileReader(IterableDataset):
     shuffle, shuffle_buffer, seed, epoch: see the module docstring.
     rank, world_size: the data-parallel position; None reads torch.distributed.
     http_options: passed to ``data.http.open_url`` (retries, backoff, timeout).
+
+    Under a DataLoader with workers each worker iterates its own copy: ``counts`` and
+    ``state_dict`` of the object in the main process do not move. Iterate in-process
+    (``num_workers=0``, or ``DataPipeline``) when you need them.
     """
 
     def __init__(
@@ -192,7 +218,12 @@ class PileReader(IterableDataset):
 
     # -- epoch order -------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next iteration follows (changes the shuffle seed)."""
+        """Select the epoch whose order the next iteration follows (changes the shuffle seed).
+
+        A state loaded with ``load_state_dict`` survives ``set_epoch`` of its own epoch, so a
+        loop that calls ``set_epoch(epoch)`` at the top of every epoch resumes mid-epoch."""
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            return
         self.epoch = epoch
         self._resume = self._cursor = None
 
@@ -211,7 +242,7 @@ class PileReader(IterableDataset):
         except UnicodeDecodeError as e:
             reason, detail = "bad_utf8", str(e)
         else:
-            if not text_line.strip():
+            if raw.isspace():
                 self.counts.skip(source, line, "blank_line")
                 return None
             try:
@@ -224,6 +255,9 @@ class PileReader(IterableDataset):
                 elif not isinstance(obj.get("text"), str):
                     reason = "missing_text"
                     detail = "no 'text' field" if "text" not in obj else f"'text' is {type(obj['text']).__name__}, not str"
+                elif _SURROGATE_ESCAPE.search(raw) and not _encodable(obj["text"]):
+                    # JSON can escape a lone UTF-16 surrogate, which no UTF-8 text (or tokenizer) holds
+                    reason, detail = "bad_utf8", "'text' holds a lone surrogate escape (\\ud800-\\udfff)"
         if reason is not None:
             if self.on_error == "raise":
                 raise BadDocumentError(f"{source}, line {line}: {reason}: {detail} (on_error='skip' skips and counts such lines)")
@@ -323,11 +357,20 @@ class PileReader(IterableDataset):
         buffer.clear()
 
     # -- resume ------------------------------------------------------------------------------
+    def _config(self) -> dict:
+        """Settings that decide which documents come in which order: a resume must match them."""
+        return {
+            "max_documents": self.max_documents, "keep_meta": self.keep_meta, "on_error": self.on_error,
+            "include_sets": sorted(self.include_sets) if self.include_sets is not None else None,
+            "exclude_sets": sorted(self.exclude_sets), "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer if self.shuffle else None, "seed": self.seed,
+        }
+
     def state_dict(self) -> dict:
         """The position after the last delivered document, plus counts (plain Python data)."""
         cursor = self._resume if self._resume is not None else self._cursor
-        state = {"version": 1, "sources": list(self.sources), "epoch": self.epoch, "counts": self.counts.state(),
-                 "cursor": None}
+        state = {"version": 1, "sources": list(self.sources), "config": self._config(), "epoch": self.epoch,
+                 "counts": self.counts.state(), "cursor": None}
         if cursor is not None:
             c = dict(cursor)
             c["buffer"] = list(cursor["buffer"])
@@ -342,10 +385,23 @@ class PileReader(IterableDataset):
                 f"reader state was saved over {len(state['sources'])} shards {state['sources'][:3]}..., "
                 f"this reader has {len(self.sources)} {self.sources[:3]}...; resume needs the same sources"
             )
+        mine = self._config()
+        for key, value in state["config"].items():
+            if mine.get(key) != value:
+                raise ValueError(f"reader state has {key}={value!r} but this reader has {key}={mine.get(key)!r}; "
+                                 "resume needs the same reader settings")
         self.epoch = state["epoch"]
         self.counts = ReaderCounts.from_state(state["counts"])
         cursor = state["cursor"]
         self._resume = None if cursor is None else {**cursor, "buffer": list(cursor["buffer"])}
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _rng_to_list(state) -> list:

@@ -6,7 +6,8 @@
 
 A source spec is a file, a directory (every shard file below it, recursively), a glob pattern
 (``*``, ``?``, ``[...]``, ``**``), or an ``http(s)://`` URL, in any mix. Shard files are
-``.jsonl.zst``, ``.jsonl.zstd``, ``.jsonl.gz`` or ``.jsonl`` (``.json`` likewise). The expanded
+``.jsonl.zst``, ``.jsonl.zstd``, ``.jsonl.gz`` or ``.jsonl`` (``.json`` likewise). URLs are
+taken as they are (HTTP has no listing to glob): name each shard. The expanded
 list keeps the order of the specs, each spec's matches sorted, so every process that expands
 the same specs sees the same shard order (sharding across readers relies on it).
 
@@ -25,7 +26,7 @@ from .compression import compression_of, open_decompressed
 
 __all__ = ["SHARD_SUFFIXES", "expand_sources", "is_url", "open_raw", "open_shard"]
 
-SHARD_SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".json.zst", ".json.gz", ".json")
+SHARD_SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".json.zst", ".json.zstd", ".json.gz", ".json")
 
 
 def is_url(spec: str) -> bool:
@@ -39,7 +40,6 @@ def _is_shard_name(name: str) -> bool:
 def _shards_under(directory: str) -> list[str]:
     found = []
     for dirpath, dirnames, files in os.walk(directory, followlinks=True):
-        dirnames.sort()
         found += [os.path.join(dirpath, f) for f in files if _is_shard_name(f)]
     return sorted(found)
 
@@ -57,7 +57,7 @@ def expand_sources(specs: str | os.PathLike | Iterable[str | os.PathLike]) -> li
             raise ValueError(f"data source {spec!r} is not a path, glob or URL")
         if is_url(spec):
             matches = [spec]
-        elif any(c in spec for c in "*?["):
+        elif any(c in spec for c in "*?[") and not os.path.exists(spec):
             matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p) and _is_shard_name(p))
             if not matches:
                 raise FileNotFoundError(f"data source {spec!r}: the glob matches no shard file ({', '.join(SHARD_SUFFIXES)})")

@@ -13,7 +13,8 @@ characters, ever), digits split into single tokens, no text normalisation, white
 
 It lives in ``data`` (which never imports ``llama_mini``) so the built-in default data can train
 its tokenizer with the library's own code; ``llama_mini`` re-exports it. The rest of ``data``
-takes any object with this interface (encode, bos_id, eos_id, pad_id, vocab_size).
+takes any object with ``encode``, ``bos_id`` and ``eos_id`` (``pad_id`` and ``vocab_size`` are
+used when present).
 """
 
 from __future__ import annotations

@@ -246,9 +246,14 @@ def test_transient_status_then_success(serve, status):
     assert len(requests) == 3
 
 
-def test_503_forever_gives_up(serve, caplog):
+def test_503_forever_gives_up(serve, caplog, monkeypatch):
+    import data.http
+
     url, requests = serve(status_server([503] * 100))
     started = time.monotonic()
+    delays = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(data.http.time, "sleep", lambda s: (delays.append(s), real_sleep(s)))
     with caplog.at_level(logging.WARNING, logger="data.http"):
         with pytest.raises(HTTPSourceError) as info:
             open_url(url, retries=3, backoff=0.01, max_backoff=0.02)
@@ -257,7 +262,8 @@ def test_503_forever_gives_up(serve, caplog):
     assert "HTTP 503 Service Unavailable" in message
     assert len(requests) == 4
     assert sum(url in r.getMessage() and "at byte 0" in r.getMessage() for r in caplog.records) == 3
-    # backoff 0.01, 0.02, then capped at 0.02: the cap is honoured
+    # exponential backoff 0.01, 0.02, then 0.04 capped at 0.02
+    assert delays == pytest.approx([0.01, 0.02, 0.02])
     assert time.monotonic() - started < 2.0
 
 

@@ -20,6 +20,8 @@ POLICY_SETTINGS = [
     ("informed", {"max_len": 16, "policy_options": {"tolerance": 5}}),
     ("best-fit", {"max_len": 32, "policy_options": {"buffer_size": 7}}),
     ("packed-docmask", {"max_len": 32, "policy_options": {"buffer_size": 7}}),
+    ("naive-discard", {"max_len": None}),
+    ("naive-impute", {"max_len": None}),
 ]
 
 
@@ -65,6 +67,9 @@ def test_batches_counts_and_exact_resume(shards, trained_tokenizer, name, settin
             assert b["input_ids"].shape[1] <= settings["max_len"]
     if name == "packed-docmask":
         assert {"document_ids", "position_ids"} <= set(full[0])
+    if name.startswith("naive"):  # max_len is the shortest document, found without reading ahead
+        assert pipe.policy.max_len == min(len(tok.encode(d)) + 1 for d in synthetic_corpus(40, seed=3))
+        assert all(b["input_ids"].shape[1] == pipe.policy.max_len for b in full)
 
     for k in range(len(full) + 1):
         pipe = _build(shards, tok, name, settings)

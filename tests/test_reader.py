@@ -86,7 +86,9 @@ def test_keep_meta_filters_and_cap(corpus):
     assert list(PileReader(root, exclude_sets=["B"])) == [d["text"] for d in docs if d["meta"]["pile_set_name"] == "A"]
     capped = PileReader(root, max_documents=9)
     assert list(capped) == texts[:9]
+    assert len(list(PileReader(root, max_documents=11, shuffle=True, shuffle_buffer=3))) == 11
     assert capped.counts.lines == 9  # stops reading at the cap
+    assert not only_b.counts.skipped_at  # filtering is not an error: counted, not located
     with pytest.raises(ValueError, match="both included and excluded"):
         PileReader(root, include_sets=["A"], exclude_sets=["A"])
 
@@ -103,6 +105,7 @@ BAD_LINES = [
     (b'["a list"]', "not_object"),
     (b'{"meta": {}}', "missing_text"),
     (b'{"text": 5}', "missing_text"),
+    (b'{"text": "lone \\ud800 surrogate"}', "bad_utf8"),
 ]
 
 
@@ -120,9 +123,11 @@ def test_skip_mode_counts_every_bad_line_by_reason_and_place(tmp_path):
     reader = PileReader(path, on_error="skip")
     assert list(reader) == ["first", "last"]
     c = reader.counts
-    assert dict(c.skipped) == {"bad_json": 1, "bad_utf8": 1, "not_object": 1, "missing_text": 2, "empty": 1, "blank_line": 1}
+    assert dict(c.skipped) == {"bad_json": 1, "bad_utf8": 2, "not_object": 1, "missing_text": 2, "empty": 1, "blank_line": 1}
+    # blank lines (like filtered documents) are counted but not located: they are not errors
     assert [(line, reason) for _, line, reason in c.skipped_at] == [
-        (2, "bad_json"), (3, "bad_utf8"), (4, "not_object"), (5, "missing_text"), (6, "missing_text"), (7, "empty"), (8, "blank_line")]
+        (2, "bad_json"), (3, "bad_utf8"), (4, "not_object"), (5, "missing_text"), (6, "missing_text"), (7, "bad_utf8"),
+        (8, "empty")]
     assert all(src == path for src, _, _ in c.skipped_at)
     assert c.lines == len(items) == c.documents + sum(c.skipped.values())
 
@@ -173,6 +178,31 @@ def test_assign_shards_covers_every_line_once(num_shards, num_readers):
     assert len(owner) == num_shards * lines
 
 
+def test_every_reader_gets_a_share_when_shards_are_few():
+    for num_shards in range(1, 6):
+        for num_readers in range(num_shards, 12):
+            for r in range(num_readers):
+                plan = assign_shards(num_shards, r, num_readers)
+                assert plan and all(0 <= offset < stride for _, offset, stride in plan)
+
+
+def test_model_parallel_needs_an_explicit_data_parallel_rank(corpus, monkeypatch):
+    import torch.distributed as dist
+
+    import data.reader as reader_module
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(reader_module, "_model_parallel_size", lambda: 2)
+    with pytest.raises(ValueError, match="pass the data-parallel rank"):
+        list(PileReader(corpus[0]))
+    assert list(PileReader(corpus[0], rank=0, world_size=1)) == corpus[1]
+
+
+def test_a_file_name_with_glob_characters(tmp_path):
+    path = write_shard(tmp_path / "part[1].jsonl.zst", records(0, 2))
+    assert expand_sources(path) == [path]
+
+
 def _loader_docs(reader, workers):
     return list(DataLoader(reader, batch_size=None, num_workers=workers)) if workers else list(reader)
 
@@ -213,6 +243,10 @@ def test_shuffle_is_seeded_per_epoch_and_loses_nothing(corpus):
     assert epoch0 != texts and epoch1 != epoch0
     other_seed = list(PileReader(root, shuffle=True, shuffle_buffer=5, seed=2))
     assert other_seed != epoch0
+    orders = {tuple(reader.shard_order(e)) for e in range(6)}
+    assert len(orders) > 1 and all(sorted(o) == sorted(reader.sources) for o in orders)
+    unbuffered = PileReader(root, shuffle=True, shuffle_buffer=1, seed=1)
+    assert list(unbuffered) != texts  # the shard order alone moves documents
 
 
 def test_shuffle_buffer_bounds_how_far_a_document_moves(tmp_path):
@@ -268,6 +302,31 @@ def test_state_after_a_finished_epoch_and_set_epoch(corpus):
     assert list(resumed) == []  # the epoch was finished
     resumed.set_epoch(1)
     assert list(resumed) == texts
+
+
+def test_set_epoch_of_the_saved_epoch_keeps_the_resume(corpus):
+    root, _ = corpus
+    reader = PileReader(root, shuffle=True, shuffle_buffer=3, epoch=4)
+    full = list(reader)
+    reader = PileReader(root, shuffle=True, shuffle_buffer=3, epoch=4)
+    it = iter(reader)
+    first = [next(it) for _ in range(5)]
+    resumed = PileReader(root, shuffle=True, shuffle_buffer=3)
+    resumed.load_state_dict(reader.state_dict())
+    resumed.set_epoch(4)  # the usual loop: set_epoch at the top of every epoch, the resumed one too
+    assert first + list(resumed) == full
+    resumed.set_epoch(5)
+    assert sorted(resumed) == sorted(full)
+
+
+def test_resume_refuses_other_settings(corpus):
+    root, _ = corpus
+    reader = PileReader(root, shuffle=True, seed=1)
+    next(iter(reader))
+    with pytest.raises(ValueError, match="seed=1 but this reader has seed=2"):
+        PileReader(root, shuffle=True, seed=2).load_state_dict(reader.state_dict())
+    with pytest.raises(ValueError, match="include_sets=None but this reader has include_sets=\\['A'\\]"):
+        PileReader(root, shuffle=True, seed=1, include_sets=["A"]).load_state_dict(reader.state_dict())
 
 
 def test_resume_refuses_another_layout_or_other_sources(corpus, tmp_path):
