@@ -85,7 +85,9 @@ class BestFitPolicy(SequencePolicy):
     def __init__(self, max_len: int | None = None, *, buffer_size: int = 1000, **kwargs: Any) -> None:
         super().__init__(max_len, **kwargs)
         self.buffer_size = _positive_int(f"policy {self.name!r}", "buffer_size", buffer_size)
-        self._pieces: list[list[list[int]]] = []  # [input_ids, target_ids] per piece, arrival order
+        # [input_ids, target_ids, owned] per piece, in arrival order; owned lists (slices made
+        # here) may be handed to _emit as they are, the caller's lists are copied first
+        self._pieces: list[list] = []
 
     def _config(self) -> dict[str, Any]:
         return {**super()._config(), "buffer_size": self.buffer_size}
@@ -99,7 +101,7 @@ class BestFitPolicy(SequencePolicy):
         # the split is decided here and nothing is ever dropped, so count it now
         self.counts.documents_split += n > L
         for s in range(0, n, L):
-            self._pieces.append([inputs[s : s + L], targets[s : s + L]])
+            self._pieces.append([inputs, targets, False] if n <= L else [inputs[s : s + L], targets[s : s + L], True])
             # pack at exactly buffer_size so every pack sees the same amount of choice
             if len(self._pieces) >= self.buffer_size:
                 self._pack()
@@ -111,15 +113,20 @@ class BestFitPolicy(SequencePolicy):
     def _pack(self) -> None:
         pieces, self._pieces = self._pieces, []
         for bin_ in best_fit_decreasing([len(p[0]) for p in pieces], self.max_len):
-            inputs = [t for i in bin_ for t in pieces[i][0]]
-            targets = [t for i in bin_ for t in pieces[i][1]]
+            if len(bin_) == 1 and pieces[bin_[0]][2]:  # every copy of the tokens costs ~2% of the pipeline
+                inputs, targets = pieces[bin_[0]][0], pieces[bin_[0]][1]
+            else:
+                inputs, targets = [], []
+                for i in bin_:  # list += list runs in C, unlike a per-token comprehension
+                    inputs += pieces[i][0]
+                    targets += pieces[i][1]
             self._emit(inputs, targets, [len(pieces[i][0]) for i in bin_] if self.docmask else None)
 
     def _state_extra(self) -> dict[str, Any]:
         return {"pieces": [[list(p[0]), list(p[1])] for p in self._pieces]}
 
     def _load_extra(self, buffer: dict[str, Any]) -> None:
-        self._pieces = [[list(p[0]), list(p[1])] for p in buffer["pieces"]]
+        self._pieces = [[list(p[0]), list(p[1]), True] for p in buffer["pieces"]]
 
 
 @register_policy

@@ -47,6 +47,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 
 from .collate import Collator
+from .tokenized import Example
 
 __all__ = [
     "TrainingSequence", "PolicyCounts", "SequencePolicy", "POLICIES", "register_policy",
@@ -128,6 +129,11 @@ def _token_list(index: int, key: str, value: Any) -> list[int]:
 
 def _check_example(index: int, example: Any) -> tuple[list[int], list[int]]:
     """Validate one example; ``index`` is its document number in the stream, for the error."""
+    if type(example) is Example:  # made and checked by data.tokenized: lists of ints, equal length
+        inputs = example["input_ids"]
+        if not inputs:
+            raise ValueError(f"example {index} is empty (no input_ids)")
+        return inputs, example["target_ids"]
     if not hasattr(example, "__getitem__") or isinstance(example, (str, bytes)):
         raise ValueError(f"example {index} must be a dict with input_ids and target_ids")
     try:
@@ -297,31 +303,40 @@ class SequencePolicy:
     def _emit(self, inputs: list[int], targets: list[int], pieces: list[int] | None = None) -> None:
         """Queue one sequence, padded to max_len when there is one.
 
+        Takes ownership of ``inputs`` and ``targets`` (callers pass fresh lists; padding is
+        appended in place, since each copy of a token list costs a few percent of the pipeline).
         ``pieces`` (lengths of the packed pieces, in order) makes document and position ids:
         pad positions form one extra document whose positions count from 0.
         """
         n = len(inputs)
         k = self.max_len - n if self.max_len is not None else 0
+        if k:
+            inputs += [self.pad_id] * k
+            targets += [self.ignore_index] * k
         entry: dict[str, Any] = {
-            "input_ids": inputs + [self.pad_id] * k,
-            "target_ids": targets + [self.ignore_index] * k,
-            "document_ids": None,
-            "position_ids": None,
-            "n_tokens": n,
+            "input_ids": inputs, "target_ids": targets, "document_ids": None, "position_ids": None, "n_tokens": n,
         }
         if pieces is not None:
             doc_ids: list[int] = []
             positions: list[int] = []
+            ramp = self._ramp()
             for d, length in enumerate(pieces):
                 doc_ids += [d] * length
-                positions += range(length)
+                positions += ramp[:length]
             doc_ids += [len(pieces)] * k
-            positions += range(k)
+            positions += ramp[:k]
             entry["document_ids"], entry["position_ids"] = doc_ids, positions
         self.counts.sequences += 1
         self.counts.tokens_kept += n
         self.counts.pad_tokens += k
         self._ready.append(entry)
+
+    def _ramp(self) -> list[int]:
+        """``[0, 1, ..., max_len - 1]``, made once: slicing it reuses the int objects."""
+        ramp = getattr(self, "_ramp_cache", None)
+        if ramp is None or len(ramp) != self.max_len:
+            ramp = self._ramp_cache = list(range(self.max_len))
+        return ramp
 
     def _emit_spans(self, inputs: list[int], targets: list[int], spans: list[tuple[int, int]]) -> None:
         """Emit ``[start, end)`` spans of one document each as its own sequence; drop the rest."""

@@ -12,17 +12,26 @@ and target at the same positions, which keeps that pairing.
 
 Any tokenizer works that has ``encode(text) -> list[int]`` and ``bos_id`` / ``eos_id``
 (attributes or SentencePiece-style methods), for example ``data.tokenizer.Tokenizer`` or
-Meta's ``tokenizer.model`` through it. With a ``vocab_size``, every id is checked against it and
-an id outside ``[0, vocab_size)`` is an error naming the document.
+Meta's ``tokenizer.model`` through it. The ids of any other tokenizer are checked: non-integers
+are an error, and with a ``vocab_size`` an id outside ``[0, vocab_size)`` is an error naming the
+document.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Iterable, Iterator, Sequence
 
 from torch.utils.data import Dataset, IterableDataset
 
-__all__ = ["tokenize_document", "TokenizedDataset", "StreamingTokenizedDataset"]
+from .tokenizer import Tokenizer
+
+__all__ = ["Example", "tokenize_document", "TokenizedDataset", "StreamingTokenizedDataset"]
+
+
+class Example(dict):
+    """``{"input_ids", "target_ids"}`` built here: plain ``list[int]`` of equal length, checked
+    once, so the policies need not check every token again (they do for any other dict)."""
 
 
 def _special(tokenizer: Any, name: str) -> int:
@@ -45,17 +54,25 @@ class _Encoder:
         self.eos_id = _special(tokenizer, "eos_id")
         vocab = getattr(tokenizer, "vocab_size", None)
         self.vocab_size = vocab() if callable(vocab) else vocab
+        # SentencePiece through our wrapper returns list[int] within its own vocabulary: checking
+        # every id again would cost about 5% of the pipeline for nothing
+        self.trusted = type(tokenizer) is Tokenizer
         if self.vocab_size is not None and not max(self.bos_id, self.eos_id) < self.vocab_size:
             raise ValueError(f"tokenizer's BOS/EOS ids ({self.bos_id}, {self.eos_id}) are outside its vocab_size {self.vocab_size}")
 
-    def __call__(self, text: str, where: str) -> dict[str, list[int]]:
+    def __call__(self, text: str, where: str) -> Example:
         if not isinstance(text, str):
             raise TypeError(f"{where}: document text is {type(text).__name__}, expected str")
-        ids = list(self.tokenizer.encode(text))
-        if ids and self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ValueError(f"{where}: tokenizer produced token id {bad} outside [0, vocab_size={self.vocab_size})")
-        return {"input_ids": [self.bos_id] + ids, "target_ids": ids + [self.eos_id]}
+        ids = self.tokenizer.encode(text)
+        if not self.trusted:
+            try:  # operator.index rejects floats rather than rounding them into ids
+                ids = list(map(operator.index, ids))
+            except TypeError:
+                raise TypeError(f"{where}: tokenizer returned non-integer token ids") from None
+            if ids and self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
+                bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+                raise ValueError(f"{where}: tokenizer produced token id {bad} outside [0, vocab_size={self.vocab_size})")
+        return Example(input_ids=[self.bos_id] + ids, target_ids=ids + [self.eos_id])
 
 
 def _text_and_place(doc: Any, fallback: str) -> tuple[str, str]:
