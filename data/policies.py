@@ -317,14 +317,19 @@ class SequencePolicy:
             "input_ids": inputs, "target_ids": targets, "document_ids": None, "position_ids": None, "n_tokens": n,
         }
         if pieces is not None:
-            doc_ids: list[int] = []
-            positions: list[int] = []
             ramp = self._ramp()
-            for d, length in enumerate(pieces):
-                doc_ids += [d] * length
-                positions += ramp[:length]
-            doc_ids += [len(pieces)] * k
-            positions += ramp[:k]
+            if len(pieces) == 1:  # the common bin, one whole chunk: build each list in one go
+                doc_ids, positions = [0] * n, ramp[:n]
+                if k:
+                    doc_ids += [1] * k
+                    positions += ramp[:k]
+            else:
+                doc_ids, positions = [], []
+                for d, length in enumerate(pieces):
+                    doc_ids += [d] * length
+                    positions += ramp[:length]
+                doc_ids += [len(pieces)] * k
+                positions += ramp[:k]
             entry["document_ids"], entry["position_ids"] = doc_ids, positions
         self.counts.sequences += 1
         self.counts.tokens_kept += n
