@@ -310,6 +310,21 @@ def peak_memory(fn: Callable[[], Any], device: torch.device, what: str = "the mo
 
 
 # ---------------------------------------------------------------------------- output
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None (with a note on stderr) when matplotlib
+    is not installed: plots are optional, the numbers are not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no plot was written "
+              "(pip install matplotlib, or pip install -e '.[plot]')", file=sys.stderr)
+        return None
+    return plt
+
+
 def results_dir(script: str) -> Path:
     """Default output directory of a script: ``bench/results/<script>/`` of this checkout."""
     return BENCH_DIR / "results" / script

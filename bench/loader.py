@@ -107,7 +107,7 @@ if str(ROOT) not in sys.path:  # benchmark this checkout's data package, install
 
 # ``python bench/loader.py`` puts bench/ first on sys.path, so this is bench/common.py.
 from common import (  # noqa: E402
-    HelpFormatter, cpu_busy, environment, fmt, format_table, load_avg_1m, result_paths,
+    HelpFormatter, cpu_busy, environment, fmt, format_table, load_avg_1m, pyplot, result_paths,
     results_dir, utc_now_iso, utc_stamp, versions, write_csv, write_json,
 )
 
@@ -572,14 +572,8 @@ def noise_note(rows: list[dict[str, Any]]) -> str | None:
 
 
 def plot(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, so no plot was written "
-              "(pip install matplotlib, or pip install -e '.[plot]')", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     good = [r for r in rows if not r.get("error")]
     if not good:

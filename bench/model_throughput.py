@@ -75,7 +75,7 @@ except ImportError:  # running from a checkout without ``pip install -e .``
 # ``python bench/model_throughput.py`` puts bench/ first on sys.path, so this is bench/common.py.
 from common import (
     DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m, peak_memory,
-    peak_tflops, release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions,
+    peak_tflops, pyplot, release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions,
     warn_if_cpu_busy, write_csv, write_json,
 )
 from llama_mini import PRESETS, ModelArgs, Transformer, attention_backends, attention_fallbacks, resolutions
@@ -367,14 +367,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, so no plot was written "
-              "(pip install matplotlib, or pip install -e '.[plot]')", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     phases = [ph for ph in ("train", "prefill", "decode") if any(r["phase"] == ph and not r.get("error") for r in rows)]
     if not phases:
