@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="files, directories, globs or URLs (default: the built-in default data's train split)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: the built-in default data's)")
     p.add_argument("--policy", default="pad+impute", choices=sorted(POLICIES), help="sequence-length policy")
-    p.add_argument("--max-len", type=int, default=256, help="sequence length (0: none, for pad and the naive policies)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="sequence length (default 256; 0 for none with pad; the naive policies take the shortest document)")
     p.add_argument("--tolerance", type=int, default=None, help="informed: shortest overflow kept")
     p.add_argument("--buffer-size", type=int, default=None, help="best-fit / packed-docmask: pieces packed at once")
     p.add_argument("--batch-size", type=int, default=8)
@@ -54,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = tokenizer or default.tokenizer
     tok = Tokenizer(tokenizer)
     options = {k: v for k, v in (("tolerance", args.tolerance), ("buffer_size", args.buffer_size)) if v is not None}
+    max_len = args.max_len
+    if max_len is None:
+        max_len = None if POLICIES[args.policy].max_len_rule == "forbidden" else 256
     pipe = DataPipeline.build(
-        source, tok, policy=args.policy, max_len=args.max_len or None, batch_size=args.batch_size,
+        source, tok, policy=args.policy, max_len=max_len or None, batch_size=args.batch_size,
         policy_options=options, max_documents=args.max_documents, include_sets=args.include_sets,
         exclude_sets=args.exclude_sets, on_error=args.on_error,
     )

@@ -121,7 +121,13 @@ def default_cache_dir() -> str:
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = os.path.expanduser(xdg) if xdg else os.path.join(os.path.expanduser("~"), ".cache")
+    home = os.path.expanduser("~")
+    if xdg:
+        base = os.path.expanduser(xdg)
+    elif os.path.isabs(home):
+        base = os.path.join(home, ".cache")
+    else:  # no HOME and no passwd entry (containers run as an arbitrary uid): not the cwd
+        base = os.path.join(tempfile.gettempdir(), f"llama_mini-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
     return os.path.abspath(os.path.join(base, "llama_mini"))
 
 
@@ -453,9 +459,13 @@ def _locked(lock_path: str, progress: bool) -> Iterator[bool]:
     with open(lock_path, "a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             _say(f"default data: waiting for another process building it ({lock_path})", progress)
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as e:  # a file system without flock (some NFS/FUSE mounts): rename-only, as on Windows
+            log.warning("default data: cannot lock %s (%s); relying on the atomic rename alone", lock_path, e)
+            yield False
+            return
         try:
             yield True
         finally:

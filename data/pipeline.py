@@ -78,7 +78,9 @@ class DataPipeline:
 
     def _resolve_naive_max_len(self) -> None:
         """The naive policies' max_len is the shortest document: find it in a first pass over a
-        copy of the reader, so the real pass streams (bounded memory, exact resume) as usual."""
+        copy of the reader, so the real pass streams (bounded memory, exact resume) as usual.
+        The pass sees this reader's share only: under several ranks each finds its own minimum
+        (the naive policies belong to single-process ablations)."""
         probe = StreamingTokenizedDataset(copy.deepcopy(self.reader), self.examples.encode.tokenizer)
         shortest = min((len(ex["input_ids"]) for ex in probe), default=None)
         if shortest is None:

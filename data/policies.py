@@ -129,11 +129,10 @@ def _token_list(index: int, key: str, value: Any) -> list[int]:
 
 def _check_example(index: int, example: Any) -> tuple[list[int], list[int]]:
     """Validate one example; ``index`` is its document number in the stream, for the error."""
-    if type(example) is Example:  # made and checked by data.tokenized: lists of ints, equal length
-        inputs = example["input_ids"]
-        if not inputs:
-            raise ValueError(f"example {index} is empty (no input_ids)")
-        return inputs, example["target_ids"]
+    if isinstance(example, Example) and example.checked:  # made and checked by data.tokenized's encoder
+        inputs, targets = example["input_ids"], example["target_ids"]
+        if inputs and type(inputs) is list and type(targets) is list and len(inputs) == len(targets):
+            return inputs, targets
     if not hasattr(example, "__getitem__") or isinstance(example, (str, bytes)):
         raise ValueError(f"example {index} must be a dict with input_ids and target_ids")
     try:

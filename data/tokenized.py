@@ -30,8 +30,12 @@ __all__ = ["Example", "tokenize_document", "TokenizedDataset", "StreamingTokeniz
 
 
 class Example(dict):
-    """``{"input_ids", "target_ids"}`` built here: plain ``list[int]`` of equal length, checked
-    once, so the policies need not check every token again (they do for any other dict)."""
+    """``{"input_ids", "target_ids"}``. One made by this module's encoder carries a mark
+    (``checked``) that its lists are plain ``list[int]`` of equal length, so the policies need
+    not check every token again; any other example, or a copy (``default_collate`` rebuilds
+    mappings), is checked in full."""
+
+    checked = False
 
 
 def _special(tokenizer: Any, name: str) -> int:
@@ -72,7 +76,9 @@ class _Encoder:
             if ids and self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
                 bad = next(i for i in ids if not 0 <= i < self.vocab_size)
                 raise ValueError(f"{where}: tokenizer produced token id {bad} outside [0, vocab_size={self.vocab_size})")
-        return Example(input_ids=[self.bos_id] + ids, target_ids=ids + [self.eos_id])
+        example = Example(input_ids=[self.bos_id] + ids, target_ids=ids + [self.eos_id])
+        example.checked = True
+        return example
 
 
 def _text_and_place(doc: Any, fallback: str) -> tuple[str, str]:
@@ -145,6 +151,11 @@ class StreamingTokenizedDataset(IterableDataset):
         return {"documents": inner, "counts": dict(self.counts)}
 
     def load_state_dict(self, state: dict) -> None:
+        if state["documents"] is None and state["counts"]["documents"] > 0:
+            raise ValueError(
+                f"this state was saved after {state['counts']['documents']} documents from a source without "
+                "state_dict (a plain list or iterator), so the position cannot be restored; use PileReader"
+            )
         if state["documents"] is not None:
             if not hasattr(self.documents, "load_state_dict"):
                 raise TypeError(f"{type(self.documents).__name__} cannot load a saved reader state")

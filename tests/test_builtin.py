@@ -226,12 +226,15 @@ def test_leftover_temp_dirs_are_not_data(built, tmp_path):
     # a killed build's temp dir, complete-looking (manifest and all) but never renamed
     killed = cache / f".{name}.tmp+{socket.gethostname()}+{dead.pid}+abc123"
     shutil.copytree(built.root, killed)
+    manifest = json.loads((killed / "manifest.json").read_text())
+    manifest["created"] = "KILLED"  # so a copy of it in the target would show
+    (killed / "manifest.json").write_text(json.dumps(manifest))
     # another host's build may still be running (flock may not reach across hosts): kept
     foreign = cache / f".{name}.tmp+some-other-host+{os.getpid()}+xyz789"
     foreign.mkdir()
     dd = ensure_default_data(str(cache), progress=False, **SMALL)
     assert dd.root == str(cache / name)
-    assert dd.manifest()["created"]  # a real build happened in the target, with its own manifest
+    assert dd.manifest()["created"] not in ("KILLED", "")  # a real build happened in the target
     assert os.stat(dd.manifest_path).st_ino != os.stat(built.manifest_path).st_ino
     assert not killed.exists()
     assert foreign.exists()
@@ -299,6 +302,15 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == str(tmp_path / "home" / ".cache" / "llama_mini")
+    # no HOME and no passwd entry (a container's arbitrary uid): a temp dir, never the cwd
+    import pwd
+    import tempfile
+
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    monkeypatch.chdir(tmp_path)
+    path = default_cache_dir()
+    assert path.startswith(tempfile.gettempdir()) and "~" not in path and path.endswith("llama_mini")
 
 
 def test_errors(built, tmp_path):

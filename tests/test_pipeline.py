@@ -114,6 +114,16 @@ def test_packed_docmask_batches_run_through_the_model(shards, trained_tokenizer)
         torch.testing.assert_close(logits[row, start:end], alone[0], rtol=1e-5, atol=1e-5)
 
 
+def test_resume_needs_a_reader_with_state(trained_tokenizer):
+    from data.policies import build_policy
+
+    pipe = DataPipeline(synthetic_corpus(8), trained_tokenizer, build_policy("pad+impute", max_len=16), 2)
+    next(iter(pipe))
+    fresh = DataPipeline(synthetic_corpus(8), trained_tokenizer, build_policy("pad+impute", max_len=16), 2)
+    with pytest.raises(ValueError, match="source without state_dict.*cannot be restored"):
+        fresh.load_state_dict(pipe.state_dict())
+
+
 def test_build_passes_reader_options(shards, trained_tokenizer):
     pipe = DataPipeline.build(shards, trained_tokenizer, policy="pad", max_len=None, batch_size=4, max_documents=6)
     assert sum(b["input_ids"].shape[0] for b in pipe) == 6
@@ -138,3 +148,13 @@ def test_command_line_selects_a_policy_by_name(shards, trained_tokenizer):
     assert counts["policy"]["tokens_dropped"] > 0  # tolerance 20 > max_len: short overflows dropped
     bad = subprocess.run(cmd[:-1] + ["--policy", "nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
+
+
+def test_command_line_naive_policy_needs_no_max_len(shards, trained_tokenizer, capsys):
+    import json
+
+    from data.__main__ import main
+
+    assert main(["--source", shards, "--tokenizer", trained_tokenizer.model_path, "--policy", "naive-impute", "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["policy"]["documents"] == 40 and counts["policy"]["sequences"] > 0

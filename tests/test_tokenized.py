@@ -91,3 +91,26 @@ def test_tokenizer_interface_is_checked():
             return [5, 6]
 
     assert tokenize_document(SentencePieceStyle(), "x") == {"input_ids": [1, 5, 6], "target_ids": [5, 6, 2]}
+
+
+def test_policies_trust_only_examples_the_encoder_checked(trained_tokenizer):
+    from data.policies import POLICIES, build_policy
+    from data.tokenized import Example
+
+    # a hand-made Example is checked in full, like any dict
+    with pytest.raises(ValueError, match="input_ids has 3 tokens but target_ids has 2"):
+        build_policy("impute", max_len=2).feed(Example(input_ids=[1, 2, 3], target_ids=[2, 3]))
+    # and no policy changes the examples it is fed (cached examples are shared with the dataset)
+    docs = synthetic_corpus(12, seed=5)
+    ds = TokenizedDataset(docs, trained_tokenizer, cache=True)
+    before = [{k: list(v) for k, v in ds[i].items()} for i in range(len(ds))]
+    assert all(ds[i].checked for i in range(len(ds)))
+    for name in POLICIES:
+        for buffer_size in (1, 3):
+            kw = {"tolerance": 2} if name == "informed" else {"buffer_size": buffer_size} if name in ("best-fit", "packed-docmask") else {}
+            if not name.startswith("naive"):
+                kw["max_len"] = 64
+            policy = build_policy(name, **kw)
+            seqs = list(policy(ds[i] for i in range(len(ds))))
+            assert seqs
+            assert [{k: list(v) for k, v in ds[i].items()} for i in range(len(ds))] == before, name
