@@ -58,7 +58,7 @@ __all__ = [
 STATE_VERSION = 1
 
 
-@dataclass
+@dataclass(slots=True)  # slots: no per-sequence __dict__ for the garbage collector to walk
 class TrainingSequence:
     """One training sequence; ``target_ids[i]`` is the token that follows ``input_ids[i]``."""
 
@@ -107,6 +107,10 @@ def build_policy(name: str, **kwargs: Any) -> SequencePolicy:
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
     return cls(**kwargs)
+
+
+def _copy(ids: list[int] | None) -> list[int] | None:
+    return None if ids is None else list(ids)
 
 
 def _positive_int(owner: str, name: str, value: Any) -> int:
@@ -183,7 +187,8 @@ class SequencePolicy:
         self.ignore_index = operator.index(ignore_index)
         self.counts = PolicyCounts()
         # entries: {"input_ids", "target_ids", "document_ids", "position_ids", "n_tokens"}
-        self._ready: deque[dict[str, Any]] = deque()
+        # (sequence, its non-pad token count) in emission order
+        self._ready: deque[tuple[TrainingSequence, int]] = deque()
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
@@ -212,7 +217,7 @@ class SequencePolicy:
         """The next ready sequence, or None. Sequences are counted when queued, not here."""
         if not self._ready:
             return None
-        return self._sequence(self._ready.popleft())
+        return self._ready.popleft()[0]
 
     @property
     def buffered_tokens(self) -> int:
@@ -229,19 +234,30 @@ class SequencePolicy:
         """Hook for policies that must see the whole input first (the naive ones)."""
         return examples
 
-    def _entries(self, examples: Iterable[dict]) -> Iterator[dict[str, Any]]:
+    def _entries(self, examples: Iterable[dict]) -> Iterator[tuple[TrainingSequence, int]]:
         # the queue is FIFO, so sequences restored by load_state_dict come out first
+        ready = self._ready
         for example in examples:
             self.feed(example)
-            while self._ready:
-                yield self._ready.popleft()
+            while ready:
+                yield ready.popleft()
         self.flush()
-        while self._ready:
-            yield self._ready.popleft()
+        while ready:
+            yield ready.popleft()
 
     def __call__(self, examples: Iterable[dict]) -> Iterator[TrainingSequence]:
         """Feed every example, flush at the end, and yield sequences as they become ready."""
-        return (self._sequence(e) for e in self._entries(self._prepare(examples)))
+        return self._sequences(self._prepare(examples))
+
+    def _sequences(self, examples: Iterable[dict]) -> Iterator[TrainingSequence]:
+        ready = self._ready  # one generator, not two stacked: short sequences come by the thousand
+        for example in examples:
+            self.feed(example)
+            while ready:
+                yield ready.popleft()[0]
+        self.flush()
+        while ready:
+            yield ready.popleft()[0]
 
     def batches(
         self,
@@ -263,7 +279,7 @@ class SequencePolicy:
         return self._batches(self._prepare(examples), batch_size, collator, drop_last)
 
     def _batches(self, examples, batch_size, collator, drop_last) -> Iterator[dict[str, torch.Tensor]]:
-        pending: list[dict[str, Any]] = []
+        pending: list[tuple[TrainingSequence, int]] = []
         for entry in self._entries(examples):
             pending.append(entry)
             if len(pending) == batch_size:
@@ -271,16 +287,16 @@ class SequencePolicy:
                 pending = []
         if pending:
             if drop_last:
-                for e in pending:
+                for seq, n in pending:
                     self.counts.sequences -= 1
-                    self.counts.tokens_kept -= e["n_tokens"]
-                    self.counts.tokens_dropped += e["n_tokens"]
-                    self.counts.pad_tokens -= len(e["input_ids"]) - e["n_tokens"]
+                    self.counts.tokens_kept -= n
+                    self.counts.tokens_dropped += n
+                    self.counts.pad_tokens -= len(seq.input_ids) - n
             else:
                 yield self._collate(collator, pending)
 
-    def _collate(self, collator, entries: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = collator([self._sequence(e) for e in entries])
+    def _collate(self, collator, entries: list[tuple[TrainingSequence, int]]) -> dict[str, torch.Tensor]:
+        batch = collator([seq for seq, _ in entries])
         extra = getattr(collator, "last_pad_tokens", None)
         if extra is None:
             raise TypeError(
@@ -292,12 +308,6 @@ class SequencePolicy:
         return batch
 
     # ---- emitting ------------------------------------------------------------------------
-
-    @staticmethod
-    def _sequence(entry: dict[str, Any]) -> TrainingSequence:
-        return TrainingSequence(
-            entry["input_ids"], entry["target_ids"], entry["document_ids"], entry["position_ids"]
-        )
 
     def _emit(self, inputs: list[int], targets: list[int], pieces: list[int] | None = None) -> None:
         """Queue one sequence, padded to max_len when there is one.
@@ -312,9 +322,7 @@ class SequencePolicy:
         if k:
             inputs += [self.pad_id] * k
             targets += [self.ignore_index] * k
-        entry: dict[str, Any] = {
-            "input_ids": inputs, "target_ids": targets, "document_ids": None, "position_ids": None, "n_tokens": n,
-        }
+        doc_ids = positions = None
         if pieces is not None:
             ramp = self._ramp()
             if len(pieces) == 1:  # the common bin, one whole chunk: build each list in one go
@@ -329,11 +337,10 @@ class SequencePolicy:
                     positions += ramp[:length]
                 doc_ids += [len(pieces)] * k
                 positions += ramp[:k]
-            entry["document_ids"], entry["position_ids"] = doc_ids, positions
         self.counts.sequences += 1
         self.counts.tokens_kept += n
         self.counts.pad_tokens += k
-        self._ready.append(entry)
+        self._ready.append((TrainingSequence(inputs, targets, doc_ids, positions), n))
 
     def _ramp(self) -> list[int]:
         """``[0, 1, ..., max_len - 1]``, made once: slicing it reuses the int objects."""
@@ -358,7 +365,9 @@ class SequencePolicy:
     def state_dict(self) -> dict[str, Any]:
         """Counts, buffers and the ready queue as plain lists and ints (a deep copy)."""
         ready = [
-            {k: (list(v) if isinstance(v, list) else v) for k, v in e.items()} for e in self._ready
+            {"input_ids": list(seq.input_ids), "target_ids": list(seq.target_ids),
+             "document_ids": _copy(seq.document_ids), "position_ids": _copy(seq.position_ids), "n_tokens": n}
+            for seq, n in self._ready
         ]
         return {
             "policy": self.name,
@@ -390,7 +399,9 @@ class SequencePolicy:
             raise ValueError(f"state counts have keys {sorted(state['counts'])}, expected {sorted(names)}")
         self.counts = PolicyCounts(**state["counts"])
         self._ready = deque(
-            {k: (list(v) if isinstance(v, list) else v) for k, v in e.items()} for e in state["ready"]
+            (TrainingSequence(list(e["input_ids"]), list(e["target_ids"]), _copy(e["document_ids"]),
+                              _copy(e["position_ids"])), e["n_tokens"])
+            for e in state["ready"]
         )
         self._load_extra(state["buffer"])
 
@@ -532,27 +543,31 @@ class ImputePolicy(SequencePolicy):
         self._buf_in += inputs
         self._buf_tg += targets
         self._segments.append([len(inputs), 0])
-        L, start = self.max_len, 0
-        while len(self._buf_in) - start >= L:
+        L = self.max_len
+        end = len(self._buf_in) // L * L
+        for start in range(0, end, L):
             self._emit(self._buf_in[start : start + L], self._buf_tg[start : start + L])
-            self._consume(L)
-            start += L
-        # one trim per feed, not per window: long documents would otherwise cost O(n^2)
-        del self._buf_in[:start], self._buf_tg[:start]
+        if end:
+            self._consume(end)
+            # one trim per feed, not per window: long documents would otherwise cost O(n^2)
+            del self._buf_in[:end], self._buf_tg[:end]
 
-    def _consume(self, need: int) -> None:
-        done = 0
+    def _consume(self, total: int) -> None:
+        """Book the first ``total`` buffered tokens (whole windows) as emitted, per document."""
+        L, pos, done = self.max_len, 0, 0
         for seg in self._segments:
-            seg[1] += 1
-            if seg[1] == 2:  # its kept tokens now span two sequences
-                self.counts.documents_split += 1
-            take = min(need, seg[0])
-            seg[0] -= take
-            need -= take
-            if seg[0] == 0:
-                done += 1
-            if need == 0:
+            take = min(seg[0], total - pos)
+            if take <= 0:
                 break
+            windows = (pos + take - 1) // L - pos // L + 1
+            if seg[1] < 2 <= seg[1] + windows:  # its kept tokens now span two sequences
+                self.counts.documents_split += 1
+            seg[1] += windows
+            seg[0] -= take
+            pos += take
+            if seg[0]:
+                break
+            done += 1
         del self._segments[:done]
 
     def _flush(self) -> None:
