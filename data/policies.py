@@ -225,7 +225,8 @@ class SequencePolicy:
         return 0
 
     def _feed(self, inputs: list[int], targets: list[int]) -> None:
-        raise NotImplementedError
+        """Cut one validated document into sequences (``_emit``) and count what it drops."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _feed (every registered policy does)")
 
     def _flush(self) -> None:
         pass
