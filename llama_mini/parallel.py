@@ -32,6 +32,7 @@ __all__ = [
     "shard_state_dict",
     "merge_state_dicts",
     "gather_state_dict",
+    "init_weights",
     "column_linear",
     "row_linear",
     "embedding",
@@ -164,6 +165,40 @@ def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         dist.all_gather(parts, tensor.detach().contiguous(), group=group)
         out[name] = torch.cat(parts, dim=dim)
     return out
+
+
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Re-initialise every parameter so that the weights depend on ``seed`` only, not on the
+    model-parallel layout or on what consumed the global RNG before.
+
+    Each parameter's full (unsharded) tensor is drawn from its own generator, seeded by
+    ``seed`` and the parameter's name, and this rank keeps its slice (``shard_dim``). So a
+    2-way model-parallel model holds exactly the shards of the single-process model built with
+    the same seed. Norm weights are ones; ``attention.wo`` and ``feed_forward.w2`` (the
+    residual-stream outputs) use std ``init_std / sqrt(2 * n_layers)``, everything else
+    ``init_std``, as the constructors do."""
+    import math
+    import zlib
+
+    args = model.args
+    mp = getattr(model, "mp_size", 1)
+    rank = model_parallel_rank() if mp > 1 else 0
+    out_std = args.init_std / math.sqrt(2 * args.n_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+                continue
+            dim = shard_dim(name) if mp > 1 else None
+            shape = list(p.shape)
+            if dim is not None:
+                shape[dim] *= mp
+            std = out_std if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else args.init_std
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+            if dim is not None:
+                full = full.chunk(mp, dim=dim)[rank]
+            p.copy_(full)
 
 
 def _normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
