@@ -64,3 +64,35 @@ def trained_tokenizer(tmp_path_factory):
 
     prefix = tmp_path_factory.mktemp("tok") / "tokenizer"
     return train_tokenizer(synthetic_corpus(), prefix, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, trained_tokenizer):
+    """A tiny Pile-format corpus for trainer tests: train/ (two .jsonl.zst shards of synthetic
+    English), val/ (one shard) and the session tokenizer (vocab 400). Returns an object with
+    ``train``, ``val``, ``tokenizer`` paths and ``overrides(tmp_path, *extra)``: command-line
+    options for a seconds-long run of a small model on it."""
+    from types import SimpleNamespace
+
+    from shards import write_shard
+
+    root = tmp_path_factory.mktemp("train_data")
+    docs = synthetic_corpus(n_docs=400, seed=1)
+    os.makedirs(root / "train")
+    os.makedirs(root / "val")
+    for s in range(2):
+        write_shard(root / "train" / f"{s:02d}.jsonl.zst", [{"text": t} for t in docs[s * 180:(s + 1) * 180]])
+    write_shard(root / "val" / "00.jsonl.zst", [{"text": t} for t in docs[360:]])
+    data = SimpleNamespace(train=str(root / "train"), val=str(root / "val"), tokenizer=trained_tokenizer.model_path)
+
+    def overrides(tmp_path, *extra):
+        return [
+            "--data.train", data.train, "--data.val", data.val, "--data.tokenizer", data.tokenizer,
+            "--model.max_seq_len", "32", "--model.attn_backend", "eager", "--data.batch_size", "4",
+            "--schedule.steps", "6", "--run.out_dir", str(tmp_path), "--run.eval_batches", "2",
+            "--run.eval_interval", "0", "--logging.log_interval", "1", "--logging.plot", "false",
+            "--run.sample_tokens", "4", "--logging.progress", "false", *map(str, extra),
+        ]
+
+    data.overrides = overrides
+    return data

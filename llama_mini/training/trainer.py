@@ -214,7 +214,7 @@ class Trainer:
         batches = validation_batches(self.cfg.data, self.data.val, self.tokenizer,
                                      self.max_len or self.model.args.max_seq_len, self.cfg.run.eval_batches,
                                      self.dist, self.model.args.ignore_index)
-        result = evaluate_loss(self.forward, batches, device=self.dist.device,
+        result = evaluate_loss(self.model, batches, device=self.dist.device,
                                autocast=self.autocast, all_reduce=lambda t: all_reduce(t, dp_group()),
                                ignore_index=self.model.args.ignore_index)
         return {"val_loss": result["loss"], "val_ppl": result["ppl"], "val_tokens": result["tokens"]}
