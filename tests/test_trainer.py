@@ -223,3 +223,25 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, train_data):
     ckpt = latest_checkpoint(str(tmp_path / "debug" / "checkpoints"))
     step = json.loads(open(os.path.join(ckpt, "trainer.json")).read())["step"]
     assert step >= 3 and max(losses(metrics)) == step
+
+
+@pytest.mark.parametrize("policy", ["pad", "discard", "impute", "pad+discard", "pad+impute", "informed",
+                                    "naive-discard", "naive-impute", "best-fit", "packed-docmask"])
+def test_every_policy_trains(tmp_path, train_data, policy):
+    extra = ["--data.tolerance", 8] if policy == "informed" else []
+    trainer, summary = train(tmp_path, train_data, "--data.policy", policy, "--schedule.steps", 2, *extra)
+    assert summary["step"] == 2 and summary["data"]["sequences"] >= 8
+    assert trainer.streams.pipelines[0].policy.name == policy
+    if policy.startswith("naive-"):  # the length comes from the shortest document, not max_seq_len
+        assert trainer.streams.pipelines[0].policy.max_len < 32
+
+
+def test_default_command_on_the_builtin_data(tmp_path):
+    """``python train.py`` as the README gives it, shortened: the built-in data and tokenizer."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--schedule.steps", "3",
+                          "--run.eval_batches", "1", "--run.sample_tokens", "4", "--run.out_dir", str(tmp_path)],
+                         env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "built-in default data" in out.stderr and "vocab 4096" in out.stderr
+    for name in ("metrics.jsonl", "loss.png", "sample.txt", "config.json", "train.log"):
+        assert (tmp_path / "debug" / name).is_file(), name
