@@ -65,7 +65,8 @@ class Trainer:
         self.run_dir = cfg.run_dir()
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        self.stop_requested = False
+        self.stop_requested = False  # a signal arrived here (this rank only)
+        self.stop_agreed = False  # some rank got a signal: all stop after this step, together
         self._bar = None
         if self.dist.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -146,10 +147,11 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.div_(self.scaler.scale)
         norm = float(clip_grad_norm_(self._named_params(), cfg.optim.grad_clip, mp_group()))
-        # one all-reduce over the world: the loss (same on model-parallel ranks) and the stop flag
+        # one all-reduce over the world: the loss (same on model-parallel ranks) and the stop
+        # flags, so every rank decides to save and stop after the same step
         reduced = all_reduce(torch.tensor([float(loss_sum), float(self.stop_requested)], dtype=torch.float64, device=dev))
         loss_value = float(reduced[0]) / self.dist.mp_size / n_global
-        self.stop_requested = bool(reduced[1] > 0)
+        self.stop_agreed = bool(reduced[1] > 0)
         lr = lr_at(self.step, lr=cfg.optim.lr, min_lr=cfg.optim.lr * cfg.schedule.min_lr_ratio,
                    warmup_steps=cfg.warmup_steps(), total_steps=cfg.schedule.steps, decay=cfg.schedule.decay)
         finite = math.isfinite(loss_value) and math.isfinite(norm)
@@ -343,10 +345,12 @@ class Trainer:
                              dynamic_ncols=True, file=sys.stderr)
         speed = Throughput(window=20)
         interval_losses: list[float] = []
-        t_start = time.perf_counter()
+        step_seconds = 0.0  # time in train_step only: no evaluation, checkpoint or plotting
         tokens_processed = 0
         while self.step < stop_at:
+            t0 = time.perf_counter()
             out = self.train_step()
+            step_seconds += time.perf_counter() - t0
             tokens_processed += out["processed"]
             tok_s = speed.update(out["processed"])
             interval_losses.append(out["loss"])
@@ -378,15 +382,14 @@ class Trainer:
                 if cfg.logging.plot and self.dist.is_main:
                     plot_training(read_metrics(self.metrics_path), os.path.join(self.run_dir, "loss.png"), cfg.run.name)
                 speed.reset()
-            if self.stop_requested or last or (cfg.run.checkpoint_interval and self.step % cfg.run.checkpoint_interval == 0):
+            if self.stop_agreed or last or (cfg.run.checkpoint_interval and self.step % cfg.run.checkpoint_interval == 0):
                 self.save()
                 speed.reset()
-            if self.stop_requested:
+            if self.stop_agreed:
                 self.say(f"stopped at step {self.step}; run the same command again to resume")
                 break
-        elapsed = time.perf_counter() - t_start
-        self.history["train_seconds"] = self.history.get("train_seconds", 0.0) + elapsed
-        self.history["tok_s_run"] = tokens_processed / elapsed if elapsed > 0 else 0.0
+        self.history["train_seconds"] = self.history.get("train_seconds", 0.0) + step_seconds
+        self.history["tok_s_run"] = tokens_processed / step_seconds if step_seconds > 0 else 0.0
         if self.step < cfg.schedule.steps:  # interrupted or stop_at
             return {"step": self.step, "stopped": True, "checkpoint": latest_checkpoint(self.ckpt_root)}
         return self._finish(logger, peak, flops_per_token, seq_len, trained=True)
