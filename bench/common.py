@@ -2,8 +2,8 @@
 
 Not a runnable script. A script in ``bench/`` imports it with ``from common import ...``, which
 works because ``python bench/<script>.py`` puts ``bench/`` first on ``sys.path``. It depends on
-torch only (triton and the project are optional), so kernel microbenchmarks and end-to-end
-benchmarks can share it. What it offers:
+torch and ``llama_mini.hardware`` (this checkout's; triton is optional), so kernel
+microbenchmarks and end-to-end benchmarks can share it. What it offers:
 
 environment   ``resolve_device`` (``auto`` -> cuda if available, else cpu), ``environment`` (device
               type and name, CPU model and count, torch threads, platform, load average, CUDA
@@ -17,8 +17,8 @@ timing        ``synchronizer(device)``; ``Timer``: per-call milliseconds of a ze
               ``Timer.from_args`` reads ``--timer --warmup --repeats --warmup-ms --rep-ms``.
 memory        ``peak_memory(fn, device)``: ``torch.cuda.max_memory_allocated`` MiB over one call,
               or (None, the reason) on devices without allocator statistics.
-ceilings      ``PEAK_TFLOPS`` (NVIDIA datasheet dense peaks) and ``peak_tflops`` (look-up by
-              device name and dtype, tf32 aware).
+ceilings      ``PEAK_TFLOPS`` (NVIDIA datasheet dense peaks, owned by ``llama_mini.hardware``)
+              and ``peak_tflops`` (look-up by device name and dtype, tf32 aware).
 output        ``results_dir(script)`` (``bench/results/<script>/``), ``result_paths``, ``fmt`` and
               ``format_table`` (aligned text tables), ``write_json`` and ``write_csv`` (metadata as
               leading ``# key: value`` lines), ``HelpFormatter`` for argparse, ``DTYPES``.
@@ -41,17 +41,16 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if str(BENCH_DIR.parent) not in sys.path:  # the datasheet table lives in this checkout's llama_mini
+    sys.path.insert(1, str(BENCH_DIR.parent))
 
-# Dense (no sparsity) peak matrix TFLOP/s from NVIDIA's datasheets, by a substring of
-# torch.cuda.get_device_name(). First match wins, so the more specific names come first.
-# "tf32" is the float32 ceiling when torch.backends.cuda.matmul.allow_tf32 is on.
-PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H200", {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9}),
-    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "tf32": 378.0, "float32": 51.2}),
-    ("H100", {"bfloat16": 989.4, "float16": 989.4, "tf32": 494.7, "float32": 66.9}),  # SXM
-    ("A100", {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5}),
-]
+# Dense datasheet peaks (TFLOP/s) by GPU name. llama_mini.hardware owns the table so that the
+# trainer's MFU and the benchmarks' ceilings agree; importing it does not import triton.
+from llama_mini import hardware as _hardware  # noqa: E402
+
+PEAK_TFLOPS = _hardware.PEAK_TFLOPS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Metadata written as ``# key: value`` lines at the top of every CSV.
 CSV_META_KEYS = ("date", "device_name", "torch", "triton", "python", "timing", "precision", "config")
@@ -180,11 +179,8 @@ def peak_tflops(device_name: str, dtype: str, device: torch.device) -> tuple[flo
     """(dense peak TFLOP/s for ``dtype`` on this device, where the figure comes from) or (None, why)."""
     if device.type != "cuda":
         return None, f"no datasheet peak for device type {device.type!r}; give --peak-tflops"
-    key = "tf32" if dtype == "float32" and torch.backends.cuda.matmul.allow_tf32 else dtype
-    for pattern, peaks in PEAK_TFLOPS:
-        if pattern in device_name:
-            return peaks[key], f"NVIDIA datasheet dense {key} peak for '{pattern}'"
-    return None, f"{device_name!r} is not in the datasheet table; give --peak-tflops"
+    tflops, note = _hardware.datasheet_tflops(device_name, dtype)
+    return (tflops, note) if tflops is not None else (None, f"{note}; give --peak-tflops")
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:

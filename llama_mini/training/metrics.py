@@ -191,9 +191,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def _ema(values: list[float]) -> list[float]:
-    """Bias-corrected exponential moving average; its window grows with the run (~n/20 points,
-    at most 100), so short runs stay readable and long ones smooth."""
-    beta = 1.0 - 1.0 / max(1.0, min(100.0, len(values) / 20))
+    """Bias-corrected exponential moving average; its window grows with the run (~n/50 points,
+    at most 50), so short runs stay readable and long ones smooth without lagging far behind."""
+    beta = 1.0 - 1.0 / max(1.0, min(50.0, len(values) / 50))
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = beta * avg + (1 - beta) * v
@@ -240,7 +240,7 @@ def plot_training(records: list[dict], png_path: str | os.PathLike, title: str =
                 label=f"val loss: {v[-1]:.4g} at step {s[-1]}")
     if bad:
         ax.plot(bad, [1.0] * len(bad), "x", color="red", transform=ax.get_xaxis_transform(), clip_on=False,
-                label=f"non-finite loss ({len(bad)} steps)")
+                label=f"non-finite loss ({len(bad)} step{'s' * (len(bad) != 1)})")
     if not (train or evals):
         ax.text(0.5, 0.5, "no loss records", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("loss (nats/token)")
