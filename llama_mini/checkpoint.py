@@ -36,6 +36,7 @@ __all__ = [
     "save_meta_checkpoint",
     "load_meta_state_dict",
     "load_meta_checkpoint",
+    "resolve_checkpoint_dir",
 ]
 
 EXTRA_CONFIG = "llama_mini.json"
@@ -129,6 +130,33 @@ def save_meta_checkpoint(model: nn.Module, directory: str | os.PathLike) -> None
 _SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth$")
 
 
+def has_shards(directory: str) -> bool:
+    """Whether ``directory`` holds at least one ``consolidated.NN.pth``."""
+    return any(_SHARD_RE.search(p) for p in glob.glob(os.path.join(glob.escape(directory), "consolidated.*.pth")))
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> str:
+    """The directory holding the weights: ``path`` itself, or, when ``path`` has no
+    ``consolidated.*.pth`` but a ``latest`` file (a training run's ``checkpoints/`` root), the
+    subdirectory that file names. Every loader here accepts either."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    latest = os.path.join(path, "latest")
+    if has_shards(path) or not os.path.isfile(latest):
+        return path
+    with open(latest, encoding="utf-8") as f:
+        name = f.read().strip()
+    if not name:
+        raise ValueError(f"{latest} is empty; expected the name of a checkpoint subdirectory")
+    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{latest} names {name!r}; expected a subdirectory of {path}")
+    target = os.path.join(path, name)
+    if not os.path.isdir(target):
+        raise FileNotFoundError(f"{latest} names {name!r}, but {target} is not a directory")
+    return target
+
+
 def _shard_paths(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
@@ -157,7 +185,7 @@ def _torch_load(path: str) -> dict[str, torch.Tensor]:
 def load_meta_state_dict(directory: str | os.PathLike, mp_rank: int = 0, mp_size: int = 1) -> dict[str, torch.Tensor]:
     """The state dict model-parallel rank ``mp_rank`` of ``mp_size`` needs from a Meta
     checkpoint directory, whatever the number of shards it was saved with."""
-    directory = os.fspath(directory)
+    directory = resolve_checkpoint_dir(directory)
     paths = _shard_paths(directory)
     if len(paths) == mp_size:
         return _torch_load(paths[mp_rank])
@@ -168,7 +196,7 @@ def load_meta_state_dict(directory: str | os.PathLike, mp_rank: int = 0, mp_size
 def read_args(directory: str | os.PathLike, **overrides: Any) -> ModelArgs:
     """ModelArgs from ``params.json`` (+ ``llama_mini.json`` if present), overrides applied.
     A vocab_size of -1 (as Meta writes) is read from the weights."""
-    directory = os.fspath(directory)
+    directory = resolve_checkpoint_dir(directory)
     extras: dict[str, Any] = {}
     extra_path = os.path.join(directory, EXTRA_CONFIG)
     if os.path.exists(extra_path):
@@ -208,7 +236,8 @@ def load_meta_checkpoint(
     """
     from .model import Transformer
 
-    _shard_paths(os.fspath(directory))  # fail on a missing directory or shard before anything else
+    directory = resolve_checkpoint_dir(directory)
+    _shard_paths(directory)  # fail on a missing directory or shard before anything else
     args = read_args(directory, **overrides)
     # fairscale's parallel layers allocate their weights on the CPU whatever the device
     # context, so under model parallel the model is built normally (then overwritten).

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llama_mini.generate", description="Generate text from a Meta-format checkpoint."
     )
-    parser.add_argument("--checkpoint", required=True, help="directory with consolidated.NN.pth and params.json")
+    parser.add_argument("--checkpoint", required=True,
+                        help="directory with consolidated.NN.pth and params.json, or a training run's checkpoints/ (its latest)")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
@@ -40,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attn-backend", default=None, help="attention backend override (eager, sdpa, ...)")
     ns = parser.parse_args(argv)
 
-    from .checkpoint import load_meta_checkpoint
+    from .checkpoint import load_meta_checkpoint, resolve_checkpoint_dir
     from .tokenizer import Tokenizer
 
-    tok_path = ns.tokenizer or os.path.join(ns.checkpoint, "tokenizer.model")
+    checkpoint = resolve_checkpoint_dir(ns.checkpoint)  # a run's checkpoints/ root: its latest
+    tok_path = ns.tokenizer or os.path.join(checkpoint, "tokenizer.model")
     tokenizer = Tokenizer(tok_path)
     overrides = {"attn_backend": ns.attn_backend} if ns.attn_backend else {}
     if ns.max_seq_len is not None:
         overrides["max_seq_len"] = ns.max_seq_len
-    model = load_meta_checkpoint(ns.checkpoint, device=ns.device, dtype=getattr(torch, ns.dtype), **overrides)
+    model = load_meta_checkpoint(checkpoint, device=ns.device, dtype=getattr(torch, ns.dtype), **overrides)
     if model.args.vocab_size < tokenizer.vocab_size:
         raise SystemExit(
             f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}"

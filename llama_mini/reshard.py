@@ -44,9 +44,12 @@ from typing import Callable
 import torch
 
 from . import parallel
-from .checkpoint import EXTRA_CONFIG, _SHARD_RE, _atomic_write, _shard_paths, _torch_load, atomic_torch_save
+from .checkpoint import (
+    EXTRA_CONFIG, _SHARD_RE, _atomic_write, _shard_paths, _torch_load, atomic_torch_save, has_shards,
+    resolve_checkpoint_dir,
+)
 
-__all__ = ["reshard_checkpoint", "resolve_checkpoint_dir", "main"]
+__all__ = ["reshard_checkpoint", "main"]
 
 LATEST = "latest"
 COPIED_FILES = ("params.json", EXTRA_CONFIG, "tokenizer.model")
@@ -56,31 +59,6 @@ Progress = Callable[[str], None]
 
 def _mib(state: dict[str, torch.Tensor]) -> float:
     return sum(t.numel() * t.element_size() for t in state.values()) / 2**20
-
-
-def _has_shards(directory: str) -> bool:
-    return any(_SHARD_RE.search(p) for p in glob.glob(os.path.join(glob.escape(directory), "consolidated.*.pth")))
-
-
-def resolve_checkpoint_dir(src: str | os.PathLike) -> str:
-    """The directory holding the weights: ``src`` itself, or, when ``src`` has no
-    ``consolidated.*.pth`` but a ``latest`` file, the subdirectory that file names."""
-    src = os.fspath(src)
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f"checkpoint directory not found: {src}")
-    latest = os.path.join(src, LATEST)
-    if _has_shards(src) or not os.path.isfile(latest):
-        return src
-    with open(latest, encoding="utf-8") as f:
-        name = f.read().strip()
-    if not name:
-        raise ValueError(f"{latest} is empty; expected the name of a checkpoint subdirectory")
-    if os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(f"{latest} names {name!r}; expected a subdirectory of {src}")
-    target = os.path.join(src, name)
-    if not os.path.isdir(target):
-        raise FileNotFoundError(f"{latest} names {name!r}, but {target} is not a directory")
-    return target
 
 
 def _check_divisible(full: dict[str, torch.Tensor], mp_size: int) -> None:
@@ -153,7 +131,7 @@ def reshard_checkpoint(
         raise ValueError(f"destination {dst} is the source checkpoint directory; write to another directory")
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise ValueError(f"destination {dst} exists and is not a directory")
-    if os.path.isdir(dst) and _has_shards(dst) and not force:
+    if os.path.isdir(dst) and has_shards(dst) and not force:
         raise ValueError(f"destination {dst} already holds consolidated.*.pth shards; pass --force (force=True) to overwrite")
 
     paths = _shard_paths(src_dir)

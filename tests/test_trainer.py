@@ -62,7 +62,7 @@ def test_tiny_run_learns_and_leaves_its_outputs(tmp_path, train_data):
     assert "val loss" in (run / "train.log").read_text()
     ckpt = latest_checkpoint(str(run / "checkpoints"))
     assert ckpt.endswith("step-00000040")
-    model = load_meta_checkpoint(ckpt)
+    model = load_meta_checkpoint(run / "checkpoints")  # a run's checkpoints/ root loads its latest
     for name, p in trainer.model.state_dict().items():
         assert torch.equal(model.state_dict()[name], p), name
     assert os.path.isfile(os.path.join(ckpt, "tokenizer.model"))
@@ -253,3 +253,19 @@ def test_torch_compile_gives_the_eager_losses(tmp_path, train_data):
     train(tmp_path / "e", train_data, "--schedule.steps", 2)
     a, b = losses(tmp_path / "c" / "debug" / "metrics.jsonl"), losses(tmp_path / "e" / "debug" / "metrics.jsonl")
     assert a == pytest.approx(b, rel=1e-5)  # fused kernels reorder fp32 sums; nothing else differs
+
+
+def test_init_from_starts_a_new_run_from_saved_weights(tmp_path, train_data):
+    """run.init_from takes the weights (any shard count; here resharded to 2) but not the state."""
+    from llama_mini.reshard import reshard_checkpoint
+
+    _, first = train(tmp_path / "a", train_data)
+    reshard_checkpoint(str(tmp_path / "a" / "debug" / "checkpoints"), str(tmp_path / "two"), 2, progress=None)
+    trainer, second = train(tmp_path / "b", train_data, "--run.init_from", tmp_path / "two")
+    assert second["val_loss_start"] == pytest.approx(first["val_loss"], rel=1e-6)  # same weights, same val tokens
+    assert second["step"] == 6 and second["val_loss"] < second["val_loss_start"]
+    with pytest.raises(Exception, match="run.init_from: checkpoint directory not found"):
+        load_config(overrides=train_data.overrides(tmp_path, "--run.init_from", tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"(?s)run.init_from .*tok_embeddings.weight: checkpoint has shape"):
+        Trainer(load_config(overrides=train_data.overrides(tmp_path / "c", "--run.init_from", tmp_path / "two",
+                                                          "--model.dim", 32)))

@@ -115,9 +115,10 @@ class RunConfig:
     checkpoint_interval: int = 200  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 3  # keep the newest K checkpoints
     resume: str = "auto"  # auto (latest checkpoint of this run, if any) | never | a checkpoint directory
+    init_from: str = ""  # start a new run from these weights: a Meta checkpoint directory (any shard count; not resumed state)
     stop_at: int = 0  # stop after this step with a checkpoint, as if interrupted (0 = run to schedule.steps)
     on_nonfinite: str = "stop"  # loss or gradient becomes NaN/inf: stop (last good checkpoint kept) | skip (drop the step)
-    max_skips: int = 10  # with on_nonfinite=skip: stop after this many consecutive skipped steps
+    max_skips: int = 10  # with on_nonfinite=skip: stop when more than this many steps in a row are skipped
     sample_prompt: str = "The meaning of life is"  # prompt of the sample generated at the end; empty = none
     sample_tokens: int = 48  # tokens generated for the sample
     sample_temperature: float = 0.8  # sampling temperature (0 = greedy)
@@ -515,5 +516,13 @@ def _validate(cfg: TrainConfig) -> None:
         raise bad("data.max_len", f"policy {cfg.data.policy!r} takes its length from the shortest document; leave max_len 0")
     if cfg.data.val and not cfg.data.train:
         raise bad("data.val", "validation sources without training sources: set data.train too (empty = built-in data for both)")
+    for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(cfg.logging, flag) and not (flag == "wandb" and cfg.logging.wandb_mode == "disabled"):
+            import importlib.util
+
+            if importlib.util.find_spec(package) is None:
+                raise bad(f"logging.{flag}", f"needs the {package} package: pip install {package}")
+    if cfg.run.init_from and not os.path.isdir(cfg.run.init_from):
+        raise bad("run.init_from", f"checkpoint directory not found: {cfg.run.init_from}")
     if cfg.model.vocab_size != -1 and cfg.model.vocab_size < 1:
         raise bad("model.vocab_size", f"must be >= 1 or -1 (from the tokenizer), got {cfg.model.vocab_size}")

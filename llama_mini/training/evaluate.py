@@ -52,10 +52,10 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import torch
 
-from ..checkpoint import atomic_write_text, load_meta_checkpoint, read_args
+from ..checkpoint import atomic_write_text, load_meta_checkpoint, read_args, resolve_checkpoint_dir
 from ..config import RopeScaling
 
-__all__ = ["evaluate_loss", "parse_rope_scaling", "resolve_checkpoint", "perplexity_at_lengths", "main"]
+__all__ = ["evaluate_loss", "parse_rope_scaling", "perplexity_at_lengths", "main"]
 
 _MOVED_KEYS = ("input_ids", "target_ids", "position_ids", "document_ids")
 ROPE_SPEC_FORMS = "none, linear:F, ntk:F, llama3:F (F a number >= 1, e.g. linear:4)"
@@ -165,23 +165,6 @@ def parse_rope_scaling(spec: str, trained_len: int) -> RopeScaling:
     return RopeScaling(type=kind, factor=factor)
 
 
-def resolve_checkpoint(checkpoint: str | os.PathLike) -> str:
-    """The Meta checkpoint directory: ``checkpoint`` itself, or, when it holds a text file
-    ``latest``, the subdirectory that file names (a training run's checkpoint root)."""
-    checkpoint = os.fspath(checkpoint)
-    if not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    latest = os.path.join(checkpoint, "latest")
-    if os.path.isfile(latest):
-        with open(latest, encoding="utf-8") as f:
-            name = f.read().strip()
-        target = os.path.join(checkpoint, name)
-        if not name or not os.path.isdir(target):
-            raise FileNotFoundError(f"{latest} names {name!r}, which is not a directory in {checkpoint}")
-        return target
-    return checkpoint
-
-
 def _find_tokenizer(root: str, resolved: str) -> str:
     candidates = [os.path.join(d, "tokenizer.model") for d in dict.fromkeys([resolved, root])]
     for path in candidates:
@@ -244,7 +227,7 @@ def perplexity_at_lengths(
     if batch_size < 1 or max_tokens < 1:
         raise ValueError(f"batch_size and max_tokens must be >= 1, got {batch_size} and {max_tokens}")
     root = os.fspath(checkpoint)
-    resolved = resolve_checkpoint(root)
+    resolved = resolve_checkpoint_dir(root)
     trained = read_args(resolved).max_seq_len
     specs = [(str(s), parse_rope_scaling(s, trained)) for s in rope_scalings]  # bad specs fail first
     if not specs:
@@ -355,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(rows))
         if args.out:
             report = {
-                "checkpoint": os.path.abspath(resolve_checkpoint(args.checkpoint)),
+                "checkpoint": os.path.abspath(resolve_checkpoint_dir(args.checkpoint)),
                 "data": sources if isinstance(sources, list) else [sources],
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "device": _device_name(device),

@@ -88,6 +88,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model = Transformer(args).to(self.dist.device)
         init_weights(self.model, cfg.run.seed)
+        if cfg.run.init_from:
+            self._init_from(cfg.run.init_from)
         # distinct per data-parallel rank from here on, identical across model-parallel ranks
         torch.manual_seed(cfg.run.seed + 1_000_003 * self.dist.dp_rank)
         self.forward = torch.compile(self.model) if cfg.run.compile else self.model
@@ -102,6 +104,16 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.history: dict[str, Any] = {}
+
+    def _init_from(self, path: str) -> None:
+        """Weights of a Meta checkpoint (any number of shards), sliced for this rank."""
+        from ..checkpoint import load_meta_state_dict
+
+        try:
+            state = load_meta_state_dict(path, self.dist.mp_rank, self.dist.mp_size)
+            self.model.load_state_dict({k: v.to(self.dist.device) for k, v in state.items()})
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"run.init_from {path}: {e}") from None
 
     # ------------------------------------------------------------------ output
     def say(self, message: str) -> None:
@@ -345,13 +357,12 @@ class Trainer:
                              dynamic_ncols=True, file=sys.stderr)
         speed = Throughput(window=20)
         interval_losses: list[float] = []
-        step_seconds = 0.0  # time in train_step only: no evaluation, checkpoint or plotting
-        tokens_processed = 0
         while self.step < stop_at:
             t0 = time.perf_counter()
             out = self.train_step()
-            step_seconds += time.perf_counter() - t0
-            tokens_processed += out["processed"]
+            # time in train_step only (no evaluation, checkpoint or plot), kept across resumes
+            self.history["train_seconds"] = self.history.get("train_seconds", 0.0) + time.perf_counter() - t0
+            self.history["tokens_processed"] = self.history.get("tokens_processed", 0) + out["processed"]
             tok_s = speed.update(out["processed"])
             interval_losses.append(out["loss"])
             self.history.setdefault("loss_first", out["loss"])
@@ -388,8 +399,9 @@ class Trainer:
             if self.stop_agreed:
                 self.say(f"stopped at step {self.step}; run the same command again to resume")
                 break
-        self.history["train_seconds"] = self.history.get("train_seconds", 0.0) + step_seconds
-        self.history["tok_s_run"] = tokens_processed / step_seconds if step_seconds > 0 else 0.0
+        if self._bar is not None:  # the summary prints below a finished bar
+            self._bar.close()
+            self._bar = None
         if self.step < cfg.schedule.steps:  # interrupted or stop_at
             return {"step": self.step, "stopped": True, "checkpoint": latest_checkpoint(self.ckpt_root)}
         return self._finish(logger, peak, flops_per_token, seq_len, trained=True)
@@ -398,7 +410,8 @@ class Trainer:
                 trained: bool) -> dict[str, Any]:
         cfg = self.cfg
         mem, mem_note = peak_memory(self.dist.device)
-        tok_s = self.history.get("tok_s_run", 0.0)
+        seconds = self.history.get("train_seconds", 0.0)
+        tok_s = self.history.get("tokens_processed", 0) / seconds if seconds else 0.0
         summary = {
             "step": self.step, "tokens": self.tokens_seen, "params": self.model.num_params(),
             "loss_first": self.history.get("loss_first"), "loss_last": self.history.get("loss_last"),
