@@ -102,3 +102,36 @@ def test_ntk_scaling_changes_the_base():
     expected = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
     torch.testing.assert_close(ours, expected)
     assert ours[0] == 1.0 and math.isclose(float(ours[-1]), float(expected[-1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_apply_rotary_against_the_pairwise_formula(dtype):
+    """The complex-multiply implementation against the pair rotation written out in float64:
+    y[2i] = x[2i] cos a - x[2i+1] sin a,  y[2i+1] = x[2i] sin a + x[2i+1] cos a; forward and
+    backward, with shared (T, D/2) and per-sequence (B, T, D/2) angles."""
+    from kernels.reference import apply_rotary
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 7, 3, 10
+    x = torch.randn(B, T, H, D, dtype=torch.float64)
+    for angles in (torch.randn(T, D // 2, dtype=torch.float64), torch.randn(B, T, D // 2, dtype=torch.float64)):
+        a = angles[None, :, None, :] if angles.dim() == 2 else angles[:, :, None, :]
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        expected = torch.empty_like(x)
+        expected[..., 0::2] = x0 * a.cos() - x1 * a.sin()
+        expected[..., 1::2] = x0 * a.sin() + x1 * a.cos()
+        xi = x.to(dtype).detach().clone().requires_grad_()
+        y = apply_rotary(xi, angles.cos(), angles.sin())
+        assert y.dtype == dtype
+        # fp16 inputs are rotated in fp32 and rounded once on the way out (2^-11 relative)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3}[dtype]
+        torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol * 4)
+        # backward is the inverse rotation of the upstream gradient
+        g = torch.randn_like(x)
+        y.backward(g.to(dtype))
+        ga = -a
+        g0, g1 = g[..., 0::2], g[..., 1::2]
+        expected_grad = torch.empty_like(g)
+        expected_grad[..., 0::2] = g0 * ga.cos() - g1 * ga.sin()
+        expected_grad[..., 1::2] = g0 * ga.sin() + g1 * ga.cos()
+        torch.testing.assert_close(xi.grad.double(), expected_grad, rtol=tol, atol=tol * 4)
