@@ -78,15 +78,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+cpu_model = _hardware.cpu_model
 
 
 def cpu_busy(seconds: float = 0.3) -> float | None:

@@ -60,15 +60,20 @@ def device_name(device: torch.device | str) -> str:
         idx = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_name(idx)
     if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine() or "cpu"
+        return cpu_model() or platform.processor() or platform.machine() or "cpu"
     return str(device)
+
+
+def cpu_model() -> str | None:
+    """The CPU model from ``/proc/cpuinfo`` (Linux), or None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype | str) -> tuple[float | None, str]:

@@ -209,6 +209,21 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Smallest allowed value of numeric fields, checked by validate.
+_LOWER_BOUNDS: dict[str, int] = {
+    **dict.fromkeys((
+        "data.batch_size", "data.shuffle_buffer", "data.pack_buffer", "data.default_vocab", "schedule.steps",
+        "schedule.grad_accum", "run.eval_batches", "run.keep_checkpoints", "run.max_skips", "parallel.model",
+        "logging.log_interval",
+    ), 1),
+    **dict.fromkeys((
+        "data.max_len", "data.tolerance", "data.streams", "data.max_documents", "run.eval_interval",
+        "run.checkpoint_interval", "run.stop_at", "run.sample_tokens", "optim.weight_decay", "optim.grad_clip",
+        "run.sample_temperature",
+    ), 0),
+}
+
+
 # ------------------------------------------------------------------------------ field docs
 def field_docs(cls: type) -> dict[str, str]:
     """{field name: its trailing comment} for a dataclass defined with one field per line."""
@@ -455,28 +470,11 @@ def _validate(cfg: TrainConfig) -> None:
             raise bad(f"data.{name}", f"{value!r} is not one of {', '.join(policies)}")
     if cfg.data.val_policy.startswith("naive-"):
         raise bad("data.val_policy", "a naive policy takes its length from the data, so validation would not be comparable")
-    positive = {
-        "data.batch_size": cfg.data.batch_size, "data.shuffle_buffer": cfg.data.shuffle_buffer,
-        "data.pack_buffer": cfg.data.pack_buffer, "data.default_vocab": cfg.data.default_vocab,
-        "schedule.steps": cfg.schedule.steps, "schedule.grad_accum": cfg.schedule.grad_accum,
-        "run.eval_batches": cfg.run.eval_batches, "run.keep_checkpoints": cfg.run.keep_checkpoints,
-        "run.max_skips": cfg.run.max_skips, "parallel.model": cfg.parallel.model,
-        "logging.log_interval": cfg.logging.log_interval,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise bad(key, f"must be >= 1, got {value}")
-    non_negative = {
-        "data.max_len": cfg.data.max_len, "data.tolerance": cfg.data.tolerance, "data.streams": cfg.data.streams,
-        "data.max_documents": cfg.data.max_documents,
-        "run.eval_interval": cfg.run.eval_interval, "run.checkpoint_interval": cfg.run.checkpoint_interval,
-        "run.stop_at": cfg.run.stop_at, "run.sample_tokens": cfg.run.sample_tokens,
-        "optim.weight_decay": cfg.optim.weight_decay, "optim.grad_clip": cfg.optim.grad_clip,
-        "run.sample_temperature": cfg.run.sample_temperature,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise bad(key, f"must be >= 0, got {value}")
+    for key, low in _LOWER_BOUNDS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low:
+            raise bad(key, f"must be >= {low}, got {value}")
     if not cfg.optim.lr > 0:
         raise bad("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     for key, value in (("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2)):
