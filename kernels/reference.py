@@ -57,12 +57,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     (x0 cos - x1 sin) + i (x0 sin + x1 cos). One complex multiply is ~4x faster on a CPU,
     forward + backward, than the same four real products and a stack (Meta's formulation).
     """
+    if torch.compiler.is_compiling():  # inductor cannot generate code for complex ops
+        return apply_rotary_real(x, cos, sin)
     B, T, H, D = x.shape
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     xc = torch.view_as_complex(x.to(compute_dtype).contiguous().reshape(B, T, H, D // 2, 2))  # (B, T, H, D/2)
     rot = torch.complex(cos.to(compute_dtype), sin.to(compute_dtype))
     rot = rot[None, :, None, :] if rot.dim() == 2 else rot[:, :, None, :]  # (1 or B, T, 1, D/2)
     return torch.view_as_real(xc * rot).reshape(B, T, H, D).to(x.dtype)
+
+
+def apply_rotary_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` in real arithmetic (four products and a stack): slower in eager mode,
+    but what ``torch.compile`` fuses into one kernel, so the compiled model uses it."""
+    B, T, H, D = x.shape
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    xp = x.to(compute_dtype).reshape(B, T, H, D // 2, 2)
+    x0, x1 = xp[..., 0], xp[..., 1]  # (B, T, H, D/2)
+    cos, sin = cos.to(compute_dtype), sin.to(compute_dtype)
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None, :], sin[:, :, None, :])
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).reshape(B, T, H, D).to(x.dtype)
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -104,13 +104,15 @@ def test_ntk_scaling_changes_the_base():
     assert ours[0] == 1.0 and math.isclose(float(ours[-1]), float(expected[-1]))
 
 
+@pytest.mark.parametrize("real", [False, True], ids=["complex", "real"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_apply_rotary_against_the_pairwise_formula(dtype):
-    """The complex-multiply implementation against the pair rotation written out in float64:
+def test_apply_rotary_against_the_pairwise_formula(dtype, real):
+    """Both implementations against the pair rotation written out in float64:
     y[2i] = x[2i] cos a - x[2i+1] sin a,  y[2i+1] = x[2i] sin a + x[2i+1] cos a; forward and
     backward, with shared (T, D/2) and per-sequence (B, T, D/2) angles."""
-    from kernels.reference import apply_rotary
+    from kernels.reference import apply_rotary, apply_rotary_real
 
+    rotate = apply_rotary_real if real else apply_rotary  # the compiled model's form, and the eager one
     torch.manual_seed(0)
     B, T, H, D = 2, 7, 3, 10
     x = torch.randn(B, T, H, D, dtype=torch.float64)
@@ -121,7 +123,7 @@ def test_apply_rotary_against_the_pairwise_formula(dtype):
         expected[..., 0::2] = x0 * a.cos() - x1 * a.sin()
         expected[..., 1::2] = x0 * a.sin() + x1 * a.cos()
         xi = x.to(dtype).detach().clone().requires_grad_()
-        y = apply_rotary(xi, angles.cos(), angles.sin())
+        y = rotate(xi, angles.cos(), angles.sin())
         assert y.dtype == dtype
         # fp16 inputs are rotated in fp32 and rounded once on the way out (2^-11 relative)
         tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3}[dtype]
