@@ -62,6 +62,9 @@ def test_model_parallel_2_equals_one_process(tmp_path, train_data):
     (la, va), (lb, vb) = records(ref), records(run)
     assert_same_losses(la, lb)
     assert_same_losses(va, vb)
+    val_tokens = [[r["val_tokens"] for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "val_tokens" in r]
+                  for d in (ref, run)]
+    assert val_tokens[0] == val_tokens[1]  # summed over the data-parallel group only, not the world
     assert "model parallel 2 x data parallel 1" in proc.stderr
     assert proc.stderr.count("val loss") == 3 + 1  # rank 0 alone prints (3 evaluations + the summary)
     ckpt = latest_checkpoint(os.path.join(run, "checkpoints"))
@@ -71,11 +74,13 @@ def test_model_parallel_2_equals_one_process(tmp_path, train_data):
 
 
 def test_model_parallel_2_x_data_parallel_2_with_resume_equals_one_process(tmp_path, train_data):
-    """4 ranks (2 replicas of a 2-way sharded model) with data.streams 2 see the global batch that
-    one process sees with 2 streams and 2 accumulation steps; stopped at step 2 and resumed."""
+    """4 ranks (2 replicas of a 2-way sharded model, 2 accumulation steps each) with data.streams 2
+    see the global batch that one process sees with 2 streams and 4 accumulation steps; stopped
+    at step 2 and resumed. Accumulation inside each replica checks that gradients are reduced
+    once per step, after the last micro-batch (a reduce per micro-step would count early ones twice)."""
     common = ("--schedule.steps", 4, "--run.eval_interval", 2, "--data.streams", 2, "--data.batch_size", 2)
-    ref = single(tmp_path / "one", train_data, *common, "--schedule.grad_accum", 2)
-    args = train_data.overrides(tmp_path / "dp", *common)
+    ref = single(tmp_path / "one", train_data, *common, "--schedule.grad_accum", 4)
+    args = train_data.overrides(tmp_path / "dp", *common, "--schedule.grad_accum", 2)
     first = torchrun(4, os.path.join(REPO, "train.py"), *args, "--parallel.model", 2, "--run.stop_at", 2)
     assert first.returncode == 0, first.stderr[-6000:]
     assert "model parallel 2 x data parallel 2" in first.stderr
@@ -117,3 +122,19 @@ def test_a_hanging_rank_makes_the_others_fail_after_the_timeout():
     waited = float(proc.stderr.split("collective failed after ")[1].split("s:")[0])
     assert 3 < waited < 60
     assert time.time() - t0 < 200
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, train_data):
+    args = train_data.overrides(tmp_path, "--schedule.steps", 50, "--run.checkpoint_interval", 0)
+    proc = torchrun(2, os.path.join(HERE, "train_worker.py"), "sigterm", *args)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "rank 0: done at step 2" in proc.stderr and "rank 1: done at step 2" in proc.stderr
+    ckpt = latest_checkpoint(str(tmp_path / "debug" / "checkpoints"))
+    assert ckpt.endswith("step-00000002") and "stopped at step 2" in proc.stderr
+
+
+def test_a_rank_with_no_counted_target_still_takes_part_in_the_step(tmp_path, train_data):
+    args = train_data.overrides(tmp_path, "--schedule.steps", 3, "--parallel.timeout_s", 60)
+    proc = torchrun(2, os.path.join(HERE, "train_worker.py"), "no-targets", *args)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "rank 1: done at step 3" in proc.stderr

@@ -104,6 +104,9 @@ def save_checkpoint(
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         os.makedirs(partial)
     barrier()
+    if not os.path.isdir(partial):  # writers must never recreate it after rank 0 renamed it
+        raise RuntimeError(f"rank {dist_info.rank}: checkpoint directory {partial} does not exist (is {root} "
+                           "on a filesystem every node sees?)")
     if dist_info.dp_rank == 0:  # one copy of each model shard: data-parallel replicas are equal
         save_meta_checkpoint(model, partial)
         atomic_torch_save(optimizer.state_dict(), os.path.join(partial, f"optimizer.{dist_info.mp_rank:02d}.pt"))
@@ -125,7 +128,12 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(partial, final)
         atomic_write_text(name + "\n", os.path.join(root, "latest"))
-        for _, old in _committed(root)[:-keep]:
+        # checkpoints after this step belong to a future the run abandoned when it was resumed
+        # from an earlier checkpoint; of the rest, the newest ``keep`` (this one included) stay
+        for s, old in _committed(root):
+            if s > step:
+                shutil.rmtree(old, ignore_errors=True)
+        for _, old in [c for c in _committed(root) if c[0] <= step][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final

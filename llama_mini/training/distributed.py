@@ -80,15 +80,15 @@ def setup(model_parallel: int = 1, backend: str = "auto", device: str = "auto", 
     dev = resolve_device(device, local_rank)
     if world == 1 and model_parallel == 1:
         return DistInfo(device=dev)
-    if world % model_parallel != 0:
-        raise ValueError(
-            f"parallel.model={model_parallel} does not divide the world size {world} "
-            f"(torchrun --nproc_per_node x nodes); choose a divisor of {world}"
-        )
     if "MASTER_ADDR" not in os.environ:
         raise RuntimeError(
             f"parallel.model={model_parallel} needs {model_parallel} processes: launch with "
             f"torchrun --nproc_per_node={model_parallel} train.py --parallel.model {model_parallel} ..."
+        )
+    if world % model_parallel != 0:
+        raise ValueError(
+            f"parallel.model={model_parallel} does not divide the world size {world} "
+            f"(torchrun --nproc_per_node x nodes); choose a divisor of {world}"
         )
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -39,7 +39,7 @@ from ..generation import generate
 from ..hardware import peak_flops, peak_memory
 from ..model import Transformer
 from ..parallel import init_weights
-from .checkpointing import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import latest_checkpoint, load_checkpoint, read_trainer_state, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .data import TrainStreams, model_vocab_size, resolve_data, validation_batches
 from .distributed import DistInfo, all_reduce, dp_group, mp_group, setup
@@ -67,6 +67,7 @@ class Trainer:
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         self.stop_requested = False  # a signal arrived here (this rank only)
         self.stop_agreed = False  # some rank got a signal: all stop after this step, together
+        self._signal_time, self._signal_name, self._signal_said = 0.0, "", False
         self._bar = None
         if self.dist.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -78,6 +79,13 @@ class Trainer:
         show = self.dist.is_main and cfg.logging.progress
         self.data = resolve_data(cfg.data, self.dist, progress=show)
         self.tokenizer = Tokenizer(self.data.tokenizer)
+        if self.data.val:
+            from data import expand_sources
+
+            try:
+                expand_sources(self.data.val)  # fail now, not at the first evaluation
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"data.val: {e}") from None
         args = cfg.model
         args.vocab_size = model_vocab_size(args.vocab_size, self.tokenizer, self.dist.mp_size)
         self.max_len = None if cfg.data.policy.startswith("naive-") else (cfg.data.max_len or args.max_seq_len)
@@ -191,7 +199,10 @@ class Trainer:
         """Sum gradients over the data-parallel group, in flat buckets of up to 2^25 elements."""
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for p in self.model.parameters():  # a rank whose micro-batches were all ignored has no
+            if p.grad is None:  # gradients: it still takes part, with zeros, bucket for bucket
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.model.parameters()]
         bucket: list[torch.Tensor] = []
         size = 0
         group = dp_group()
@@ -257,6 +268,7 @@ class Trainer:
         path = resolve_resume(self.cfg.run.resume, self.ckpt_root, self.dist)
         if path is None:
             return False
+        self._check_resumable(path, read_trainer_state(path).get("config", {}))
         state, data_state = load_checkpoint(path, dist_info=self.dist, model=self.model, optimizer=self.optimizer)
         self.streams.load_state_dict(data_state)
         self.step = int(state["step"])
@@ -267,13 +279,54 @@ class Trainer:
         self.say(f"resumed from {path} at step {self.step}")
         return True
 
+    # Settings that may change between a checkpoint and its resumption: how attention and the
+    # ops are computed, evaluation. Everything else in model and data, and the accumulation,
+    # decides what the next step computes, so exact resume needs it unchanged.
+    _RESUME_FREE = {
+        "model": {"preset", "attn_backend", "norm_impl", "rope_impl", "mlp_impl", "loss_impl",
+                  "activation_checkpointing", "validate_inputs", "max_batch_size"},
+        "data": {"val", "val_policy"},
+    }
+
+    def _check_resumable(self, path: str, saved: dict) -> None:
+        now = self.cfg.to_dict()
+        fixed, changed = [], []
+        for section in ("model", "data", "schedule", "optim"):
+            for key in sorted(set(saved.get(section, {})) | set(now[section])):
+                old, new = saved.get(section, {}).get(key), now[section].get(key)
+                if old == new or key in self._RESUME_FREE.get(section, set()):
+                    continue
+                entry = f"{section}.{key} (checkpoint {old!r}, now {new!r})"
+                if section in ("model", "data") or (section, key) == ("schedule", "grad_accum"):
+                    fixed.append(entry)
+                else:
+                    changed.append(entry)
+        if fixed:
+            raise ValueError(
+                f"cannot resume {path}: it was trained with other settings: {'; '.join(fixed)}. Restore them, "
+                "use another run.name, or start a new run from its weights with run.init_from"
+            )
+        if changed:
+            self.say(f"resuming {path} with changed settings (used from now on): {'; '.join(changed)}")
+
+    def _plot(self) -> None:
+        """loss.png from the metrics so far; a plotting failure is reported, never fatal."""
+        if not (self.cfg.logging.plot and self.dist.is_main):
+            return
+        try:
+            plot_training(read_metrics(self.metrics_path), os.path.join(self.run_dir, "loss.png"), self.cfg.run.name)
+        except Exception as e:  # noqa: BLE001 - a figure must not end a training run
+            self.say(f"loss.png not written: {type(e).__name__}: {e}")
+
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
-        self.stop_requested = True
-        self.say(f"{name}: saving a checkpoint at the end of this step, then stopping (Ctrl-C again to abort)")
+        # Only flags here: printing from a handler can interrupt a print (a reentrant-call crash).
+        now = time.monotonic()
+        if self.stop_requested and signum == signal.SIGINT and now - self._signal_time > 2.0:
+            raise KeyboardInterrupt  # a second Ctrl-C (not the copy torchrun forwards): stop now, unsaved
+        if not self.stop_requested:
+            self.stop_requested, self._signal_time = True, now
+            self._signal_name = signal.Signals(signum).name
 
     def _install_signals(self) -> dict:
         previous = {}
@@ -289,6 +342,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         resumed = self.resume()
+        if not resumed and self.dist.is_main and os.path.exists(self.metrics_path):
+            # a fresh start: an earlier attempt's records (it saved no checkpoint) are kept aside
+            os.replace(self.metrics_path, self.metrics_path + ".prev")
+            self.say(f"fresh start: the earlier {self.metrics_path} was moved to {self.metrics_path}.prev")
         logger = MetricsLogger(
             self.metrics_path, enabled=self.dist.is_main, resume_step=self.step if resumed else None,
             tensorboard_dir=os.path.join(self.run_dir, "tensorboard") if cfg.logging.tensorboard else None,
@@ -364,6 +421,10 @@ class Trainer:
             self.history["train_seconds"] = self.history.get("train_seconds", 0.0) + time.perf_counter() - t0
             self.history["tokens_processed"] = self.history.get("tokens_processed", 0) + out["processed"]
             tok_s = speed.update(out["processed"])
+            if self.stop_agreed and not self._signal_said:
+                self._signal_said = True
+                self.say(f"{self._signal_name or 'a signal on another rank'}: saving a checkpoint at the end of "
+                         "this step, then stopping (Ctrl-C again to abort)")
             interval_losses.append(out["loss"])
             self.history.setdefault("loss_first", out["loss"])
             self.history["loss_last"] = out["loss"]
@@ -390,8 +451,7 @@ class Trainer:
                     self.history["val_loss_last"] = result["val_loss"]
                     logger.log({**result, "tokens": self.tokens_seen, "data": self.data_counts()}, step=self.step)
                     self.say(f"step {self.step}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.1f}")
-                if cfg.logging.plot and self.dist.is_main:
-                    plot_training(read_metrics(self.metrics_path), os.path.join(self.run_dir, "loss.png"), cfg.run.name)
+                self._plot()
                 speed.reset()
             if self.stop_agreed or last or (cfg.run.checkpoint_interval and self.step % cfg.run.checkpoint_interval == 0):
                 self.save()
@@ -426,8 +486,7 @@ class Trainer:
         if trained:
             logger.log({"event": "end", **{k: v for k, v in summary.items() if k not in ("checkpoint", "step")}}, step=self.step)
         if self.dist.is_main:
-            if cfg.logging.plot:
-                plot_training(read_metrics(self.metrics_path), os.path.join(self.run_dir, "loss.png"), cfg.run.name)
+            self._plot()
             if "sample" in summary:
                 atomic_write_text(summary["sample"] + "\n", os.path.join(self.run_dir, "sample.txt"))
             self._print_summary(summary)
