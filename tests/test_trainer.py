@@ -269,3 +269,67 @@ def test_init_from_starts_a_new_run_from_saved_weights(tmp_path, train_data):
     with pytest.raises(ValueError, match=r"(?s)run.init_from .*tok_embeddings.weight: checkpoint has shape"):
         Trainer(load_config(overrides=train_data.overrides(tmp_path / "c", "--run.init_from", tmp_path / "two",
                                                           "--model.dim", 32)))
+
+
+def test_records_carry_the_scheduled_lr_and_each_step_once(tmp_path, train_data):
+    from llama_mini.training.optim import lr_at
+
+    train(tmp_path, train_data, "--schedule.steps", 6, "--run.stop_at", 3)
+    train(tmp_path, train_data, "--schedule.steps", 6)
+    records = [r for r in read_metrics(tmp_path / "debug" / "metrics.jsonl") if "loss" in r and "event" not in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # no line twice after the resume
+    cfg = load_config(overrides=train_data.overrides(tmp_path, "--schedule.steps", 6))
+    for r in records:
+        assert r["lr"] == lr_at(r["step"] - 1, lr=cfg.optim.lr, min_lr=cfg.optim.lr * cfg.schedule.min_lr_ratio,
+                                warmup_steps=cfg.warmup_steps(), total_steps=6)
+        assert r["grad_norm"] > 0
+
+
+def test_resume_refuses_changed_settings_and_names_them(tmp_path, train_data):
+    train(tmp_path, train_data, "--run.stop_at", 2)
+    with pytest.raises(ValueError, match=r"cannot resume .*step-00000002.*data.batch_size \(checkpoint 4, now 3\)"):
+        Trainer(load_config(overrides=train_data.overrides(tmp_path, "--data.batch_size", 3))).run()
+    with pytest.raises(ValueError, match=r"model.dim \(checkpoint 64, now 32\)"):
+        Trainer(load_config(overrides=train_data.overrides(tmp_path, "--model.dim", 32))).run()
+    trainer, summary = train(tmp_path, train_data, "--optim.lr", 1e-3, "--model.attn_backend", "sdpa")
+    assert summary["step"] == 6  # a new learning rate or attention backend is fine
+    log = (tmp_path / "debug" / "train.log").read_text()
+    assert "with changed settings (used from now on): optim.lr (checkpoint 0.003, now 0.001)" in log
+
+
+def test_fresh_start_keeps_an_earlier_attempts_metrics_aside(tmp_path, train_data):
+    run = tmp_path / "debug"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # crashed, torn, no checkpoint
+    train(tmp_path, train_data, "--logging.plot", "true")
+    assert (run / "metrics.jsonl.prev").read_text().startswith('{"step": 1, "loss": 9.0}')
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r and "event" not in r] == list(range(1, 7))
+    assert (run / "loss.png").exists()
+
+
+def test_resuming_an_earlier_checkpoint_prunes_the_abandoned_later_ones(tmp_path, train_data):
+    train(tmp_path, train_data, "--run.checkpoint_interval", 2)
+    root = tmp_path / "debug" / "checkpoints"
+    assert sorted(p for p in os.listdir(root) if p.startswith("step-")) == ["step-00000002", "step-00000004", "step-00000006"]
+    train(tmp_path, train_data, "--run.checkpoint_interval", 2, "--run.resume", root / "step-00000002",
+          "--run.stop_at", 4, "--run.keep_checkpoints", 1)
+    assert sorted(p for p in os.listdir(root) if p.startswith("step-")) == ["step-00000004"]  # 6 was abandoned
+    assert latest_checkpoint(str(root)).endswith("step-00000004")
+
+
+def test_a_non_finite_gradient_alone_stops_naming_the_step(tmp_path, train_data):
+    trainer = Trainer(load_config(overrides=train_data.overrides(tmp_path)))
+    weight = trainer.model.layers[0].feed_forward.w2.weight
+    weight.register_hook(lambda g: g * float("inf") if trainer.step + 1 == 4 else g)
+    with pytest.raises(NonFiniteLossError, match=r"step 4: loss [0-9.]+, gradient norm (inf|nan)"):
+        trainer.run()
+
+
+def test_fp16_gradients_are_unscaled_before_clipping_and_logging(tmp_path, train_data):
+    train(tmp_path / "a", train_data, "--run.precision", "fp16", "--schedule.steps", 2)
+    train(tmp_path / "b", train_data, "--schedule.steps", 2)
+    a = [r for r in read_metrics(tmp_path / "a" / "debug" / "metrics.jsonl") if "grad_norm" in r]
+    b = [r for r in read_metrics(tmp_path / "b" / "debug" / "metrics.jsonl") if "grad_norm" in r]
+    # fp16 matmuls: ~1e-3 relative; a forgotten 1/S would be off by 2^16
+    assert a[0]["grad_norm"] == pytest.approx(b[0]["grad_norm"], rel=2e-2)
+    assert a[0]["loss_scale"] == 2.0**16
