@@ -237,8 +237,15 @@ def test_throughput_sliding_window_and_reset(monkeypatch):
 ])
 def test_peak_flops_for_named_gpus(monkeypatch, name, dtype, tf32, expected):
     monkeypatch.setattr(hardware, "device_name", lambda device: name)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    flops, note = hardware.peak_flops(torch.device("cuda", 0), dtype)
+    # allow_tf32 is a property of torch's cuBLAS module object, which monkeypatch cannot always
+    # restore (some pytest versions try to delete it), so it is set and restored by hand
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = tf32
+    try:
+        flops, note = hardware.peak_flops(torch.device("cuda", 0), dtype)
+    finally:
+        matmul.allow_tf32 = before
     assert flops == pytest.approx(expected) and "datasheet" in note
 
 
