@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointMismatchError",
     "check_state_dict",
     "atomic_torch_save",
+    "atomic_write",
     "atomic_write_text",
     "save_meta_checkpoint",
     "load_meta_state_dict",
@@ -81,7 +82,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, rename it over
     ``path``, fsync the directory. On any failure the temporary file is removed and ``path``
     keeps its previous content."""
@@ -104,12 +105,12 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: st
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically (temporary file, fsync, rename)."""
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
-    _atomic_write(path, lambda f: f.write(text), "w")
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 def save_meta_checkpoint(model: nn.Module, directory: str | os.PathLike) -> None:

@@ -45,7 +45,7 @@ import torch
 
 from . import parallel
 from .checkpoint import (
-    EXTRA_CONFIG, _SHARD_RE, _atomic_write, _shard_paths, _torch_load, atomic_torch_save, has_shards,
+    EXTRA_CONFIG, _SHARD_RE, _shard_paths, _torch_load, atomic_torch_save, atomic_write, has_shards,
     resolve_checkpoint_dir,
 )
 
@@ -102,7 +102,7 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
 def _copy_file(src: str, dst: str) -> None:
     with open(src, "rb") as f:
         data = f.read()
-    _atomic_write(dst, lambda out: out.write(data), "wb")
+    atomic_write(dst, lambda out: out.write(data), "wb")
 
 
 def reshard_checkpoint(

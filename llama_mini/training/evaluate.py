@@ -45,7 +45,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Any, Callable, ContextManager, Iterable, Sequence
@@ -54,20 +53,12 @@ import torch
 
 from ..checkpoint import atomic_write_text, load_meta_checkpoint, read_args, resolve_checkpoint_dir
 from ..config import RopeScaling
+from ..hardware import device_name
 
 __all__ = ["evaluate_loss", "parse_rope_scaling", "perplexity_at_lengths", "main"]
 
 _MOVED_KEYS = ("input_ids", "target_ids", "position_ids", "document_ids")
 ROPE_SPEC_FORMS = "none, linear:F, ntk:F, llama3:F (F a number >= 1, e.g. linear:4)"
-
-
-def _model_ignore_index(model: torch.nn.Module) -> int:
-    """The ignore index the model's loss uses (looking through DDP's ``.module``)."""
-    for m in (model, getattr(model, "module", None)):
-        args = getattr(m, "args", None)
-        if args is not None and hasattr(args, "ignore_index"):
-            return int(args.ignore_index)
-    return -100
 
 
 def _safe_exp(x: float) -> float:
@@ -103,7 +94,7 @@ def evaluate_loss(
     if max_batches is not None and max_batches < 0:
         raise ValueError(f"max_batches must be >= 0 or None, got {max_batches}")
     device = torch.device(device)
-    model_ignore = _model_ignore_index(model)
+    model_ignore = int(model.args.ignore_index)
     ignore = model_ignore if ignore_index is None else int(ignore_index)
     # Accumulate on the device (no host sync per batch); MPS has no float64.
     acc_device = torch.device("cpu") if device.type == "mps" else device
@@ -277,12 +268,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({platform.processor() or platform.machine()})"
-
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -341,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "checkpoint": os.path.abspath(resolve_checkpoint_dir(args.checkpoint)),
                 "data": sources if isinstance(sources, list) else [sources],
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "device": _device_name(device),
+                "device": device_name(device),
                 "dtype": args.dtype,
                 "torch": torch.__version__,
                 "batch_size": args.batch_size,

@@ -16,11 +16,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from ..checkpoint import atomic_write, atomic_write_text
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_training", "mfu", "Throughput"]
 
@@ -53,19 +54,6 @@ def _leaves(value: Any, path: str = "") -> dict[str, Any]:
             out.update(_leaves(v, f"{path}/{k}" if path else str(k)))
         return out
     return {path: value}
-
-
-def _atomic_write_lines(path: Path, lines: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class MetricsLogger:
@@ -127,7 +115,7 @@ class MetricsLogger:
         if dropped_bad:
             print(f"note: {self.path}: dropped {dropped_bad} unreadable line(s) while truncating to step "
                   f"{resume_step}", file=sys.stderr)
-        _atomic_write_lines(self.path, keep)
+        atomic_write_text("".join(keep), self.path)
 
     def log(self, record: dict, step: int) -> None:
         """Writes ``{"step": step, "time": unix seconds, **record}`` and flushes. Nested dicts are
@@ -263,14 +251,7 @@ def plot_training(records: list[dict], png_path: str | os.PathLike, title: str =
 
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, png_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=110), "wb")
     return True
 
 

@@ -137,9 +137,6 @@ class Trainer:
             self._log_file.flush()
 
     # ------------------------------------------------------------------ one step
-    def _named_params(self):
-        return list(self.model.named_parameters())
-
     def train_step(self) -> dict[str, float]:
         """One optimizer step (see the module docstring). Returns loss, grad norm, lr, tokens."""
         cfg, dev = self.cfg, self.dist.device
@@ -166,7 +163,7 @@ class Trainer:
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.div_(self.scaler.scale)
-        norm = float(clip_grad_norm_(self._named_params(), cfg.optim.grad_clip, mp_group()))
+        norm = float(clip_grad_norm_(self.model.named_parameters(), cfg.optim.grad_clip, mp_group()))
         # one all-reduce over the world: the loss (same on model-parallel ranks) and the stop
         # flags, so every rank decides to save and stop after the same step
         reduced = all_reduce(torch.tensor([float(loss_sum), float(self.stop_requested)], dtype=torch.float64, device=dev))
