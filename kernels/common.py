@@ -1,0 +1,67 @@
+"""Helpers shared by the Triton kernel files: interpreter detection, output allocation (with a
+poisoning switch for tests), and block-size arithmetic.
+
+Nothing here imports Triton, so ``kernels`` stays importable on machines without it.
+
+Poisoned outputs
+----------------
+A kernel that forgets to write part of its output can pass a test by luck when ``torch.empty``
+happens to hand back zeros. Every launcher allocates through :func:`empty`, and tests wrap
+launches in ``with poisoned_outputs():`` so each fresh output buffer is filled with NaN (and
+integer buffers with -1) first; an element the kernel never writes then fails the comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+__all__ = ["is_interpreting", "empty", "empty_like", "poisoned_outputs", "next_power_of_2", "cdiv"]
+
+_POISON: list[bool] = [False]
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True) -> Iterator[None]:
+    """Within the block, every buffer allocated by a kernel launcher is pre-filled with NaN
+    (floating) or -1 (integer), so elements a kernel fails to write cannot look correct."""
+    previous = _POISON[0]
+    _POISON[0] = enabled
+    try:
+        yield
+    finally:
+        _POISON[0] = previous
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if _POISON[0]:
+        t.fill_(float("nan") if t.is_floating_point() else -1)
+    return t
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs (poisoned under :func:`poisoned_outputs`)."""
+    return _poison(torch.empty(*shape, dtype=dtype, device=device))
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.empty_like`` (keeps ``t``'s strides when dense) for kernel outputs."""
+    return _poison(torch.empty_like(t, dtype=dtype))
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative ints."""
+    return -(-a // b)
