@@ -12,7 +12,7 @@ ships NVIDIA's ``cuobjdump``. From the cubin we read, per kernel and configurati
   ``HGMMA`` on sm_90, Ampere's ``HMMA`` on sm_80. A kernel whose ``tl.dot`` fell back to FMA
   would run an order of magnitude below the tensor-core roofline.
 
-Every kernel file lists what to check as :class:`KernelSpec` objects (its ``aot_specs()``), and
+Every kernel file lists what to check as :class:`KernelSpec` objects (its ``aot_specs(arch)``), and
 its test calls :func:`check`. Compilation runs in subprocesses with ``TRITON_INTERPRET`` unset,
 because under the interpreter ``@triton.jit`` returns functions that cannot be compiled, and in
 parallel, because each compile takes a second or more.
@@ -37,7 +37,7 @@ import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["KernelSpec", "CompileReport", "SHARED_LIMIT", "MMA_INSTRUCTION", "check", "compile_spec", "tool"]
 
@@ -174,9 +174,18 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def check(specs: Sequence[KernelSpec], archs: Sequence[int] = (80, 90), jobs: int | None = None) -> list[CompileReport]:
-    """Compile every spec for every arch in ``jobs`` subprocesses; reports in spec-major order."""
-    work = [(i, spec, arch) for i, spec in enumerate(specs) for arch in archs]
+def check(
+    specs: Sequence[KernelSpec] | Callable[[int], Sequence[KernelSpec]],
+    archs: Sequence[int] = (80, 90),
+    jobs: int | None = None,
+) -> list[CompileReport]:
+    """Compile specs for every arch in ``jobs`` parallel subprocesses (default: one per CPU).
+
+    ``specs`` is a list compiled for every arch, or a function arch -> list (a kernel whose
+    autotune candidates differ per architecture). Reports come back in arch-major, spec order.
+    """
+    work = [(i, spec, arch) for arch in archs
+            for i, spec in enumerate(specs(arch) if callable(specs) else specs)]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(work)))
     chunks = [work[j::jobs] for j in range(jobs)]
     procs = []
@@ -193,7 +202,7 @@ def check(specs: Sequence[KernelSpec], archs: Sequence[int] = (80, 90), jobs: in
         for r in json.loads(out):
             results.append((r.pop("index"), r["arch"], CompileReport(**r)))
     order = {a: n for n, a in enumerate(archs)}
-    return [r for _, _, r in sorted(results, key=lambda t: (t[0], order[t[1]]))]
+    return [r for _, _, r in sorted(results, key=lambda t: (order[t[1]], t[0]))]
 
 
 def _worker() -> None:
@@ -217,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.module:
         parser.error("name a kernel module, e.g. kernels.flash_attention")
-    specs = importlib.import_module(args.module).aot_specs()
-    reports = check(specs, args.arch, args.jobs)
+    reports = check(importlib.import_module(args.module).aot_specs, args.arch, args.jobs)
     for r in reports:
         print(r.line())
     bad = [r for r in reports if r.problems()]

@@ -70,7 +70,7 @@ buys bit-reproducible gradients, which exact resume in the trainer relies on.
 Shapes and dtypes
 -----------------
 q (B, H, T_q, D), k and v (B, H_kv, T_k, D), any strides with the last dim contiguous (the
-model passes transposed views of (B, T, H, D) tensors; no copy is made). D up to 256; head
+model passes transposed views of (B, T, H, D) tensors; no copy is made). D up to 128; head
 dims that are not powers of two (80, 96, ...) are padded to the next power of two by masked
 loads, never by copying. fp16 and bf16 on GPU with fp32 accumulation and softmax; fp32 too
 (exact IEEE products unless ``torch.backends.cuda.matmul.allow_tf32`` is set). Output has q's
@@ -88,6 +88,7 @@ several tiles.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ __all__ = [
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 128
 INTERPRETER_BLOCK = 16  # BLOCK_M = BLOCK_N under TRITON_INTERPRET=1
 
 
@@ -561,32 +562,33 @@ class BlockConfig:
 
 
 C = BlockConfig
-# Candidates per padded head dim. Larger head dims hold bigger q / accumulator tiles in
-# registers and bigger k / v tiles in shared memory per pipeline stage, so their tiles shrink;
-# every entry is compiled for sm_80 and sm_90 by tests/test_flash_attention_aot.py and must
-# have no spills and fit in shared memory on both.
+# Candidates per padded head dim, chosen from an ahead-of-time sweep (docs/kernels.md): every
+# entry compiles for its targets with no register spills and within shared memory, causal and
+# with document masking, and tests/test_flash_attention_aot.py keeps it that way. Larger head
+# dims hold bigger q / accumulator tiles in registers, so their tiles shrink. Head dims above
+# 128 spilled in every configuration tried and are not offered (the model falls back to sdpa).
 _FWD = {
-    16: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 4)],
-    32: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 4)],
-    64: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 4)],
-    128: [C(128, 64, 8, 3), C(128, 128, 8, 2), C(64, 64, 4, 3)],
-    256: [C(64, 64, 4, 2), C(128, 32, 8, 2), C(64, 32, 4, 2)],
+    16: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3)],
+    32: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3)],
+    64: [C(128, 64, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3)],
+    128: [C(128, 64, 8, 3), C(128, 32, 8, 3), C(64, 64, 4, 3)],
 }
-# dK/dV programs own a key tile (BLOCK_N rows) and stream query tiles (BLOCK_M rows) past it.
+# dK/dV programs own a key tile (BLOCK_N rows) and stream query tiles (BLOCK_M rows) past it,
+# holding k, v, dK and dV for the whole loop: the register-hungriest kernel. At head dim 128
+# no tiling is spill-free on both Hopper and Ampere, so the two get their own candidates.
 _DKDV = {
-    16: [C(32, 128, 8, 3), C(64, 64, 4, 3), C(32, 64, 4, 3)],
-    32: [C(32, 128, 8, 3), C(64, 64, 4, 3), C(32, 64, 4, 3)],
-    64: [C(32, 128, 8, 3), C(64, 64, 4, 3), C(32, 64, 4, 3)],
-    128: [C(32, 128, 8, 2), C(64, 64, 8, 2), C(32, 64, 4, 3)],
-    256: [C(32, 64, 4, 2), C(16, 64, 4, 2)],
+    16: [C(32, 128, 8, 3), C(64, 64, 4, 3), C(16, 128, 8, 3)],
+    32: [C(32, 128, 8, 3), C(64, 64, 4, 3), C(16, 128, 8, 3)],
+    64: [C(32, 128, 8, 3), C(16, 128, 8, 3)],
+    128: [C(32, 64, 8, 2)],
 }
+_DKDV_HOPPER = {128: [C(16, 128, 8, 2), C(16, 128, 8, 3)]}
 # dQ programs own a query tile and stream key tiles.
 _DQ = {
-    16: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(64, 32, 4, 3)],
-    32: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(64, 32, 4, 3)],
-    64: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(64, 32, 4, 3)],
+    16: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 3)],
+    32: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 3)],
+    64: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 3)],
     128: [C(128, 32, 8, 2), C(64, 64, 8, 2), C(64, 32, 4, 3)],
-    256: [C(64, 32, 4, 2), C(64, 16, 4, 2)],
 }
 del C
 _PREPROCESS_BLOCK_M = 64
@@ -598,31 +600,39 @@ def block_d_for(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-def fwd_configs(block_d: int) -> list[BlockConfig]:
-    """Forward autotune candidates for a padded head dim."""
+def arch_family(arch: int) -> int:
+    """90 for Hopper and newer (sm_90+), 80 for Ampere and Ada (sm_80 - sm_89)."""
+    return 90 if arch >= 90 else 80
+
+
+def fwd_configs(block_d: int, arch: int = 90) -> list[BlockConfig]:
+    """Forward autotune candidates for a padded head dim on ``sm_{arch}``."""
     return list(_FWD[block_d])
 
 
-def bwd_configs(block_d: int) -> dict[str, list[BlockConfig]]:
-    """Backward autotune candidates: {"dkdv": [...], "dq": [...]}."""
-    return {"dkdv": list(_DKDV[block_d]), "dq": list(_DQ[block_d])}
+def bwd_configs(block_d: int, arch: int = 90) -> dict[str, list[BlockConfig]]:
+    """Backward autotune candidates on ``sm_{arch}``: {"dkdv": [...], "dq": [...]}."""
+    dkdv = _DKDV_HOPPER.get(block_d) if arch_family(arch) == 90 else None
+    return {"dkdv": list(dkdv or _DKDV[block_d]), "dq": list(_DQ[block_d])}
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_KERNEL_NAMES = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
 _TUNE_KEY = ["BUCKET_Q", "BUCKET_K", "N_REP", "HEAD_DIM", "CAUSAL", "HAS_DOCS"]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str, block_d: int):
-    table = fwd_configs(block_d) if kind == "fwd" else bwd_configs(block_d)[kind]
+def _tuned(kind: str, block_d: int, arch: int):
+    table = fwd_configs(block_d, arch) if kind == "fwd" else bwd_configs(block_d, arch)[kind]
     return triton.autotune(configs=[c.triton() for c in table], key=_TUNE_KEY)(_KERNELS[kind])
 
 
-def _launch(kind: str, grid, block_d: int, *args, **meta) -> None:
+def _launch(kind: str, grid, block_d: int, device: torch.device, *args, **meta) -> None:
     if is_interpreting():
         _KERNELS[kind][grid](*args, **meta, BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK)
     else:
-        _tuned(kind, block_d)[grid](*args, **meta)
+        major, minor = torch.cuda.get_device_capability(device)
+        _tuned(kind, block_d, arch_family(10 * major + minor))[grid](*args, **meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,7 +712,7 @@ def attention_forward(q, k, v, *, causal: bool = True, document_ids=None, scale:
     doc = document_ids if document_ids is not None else q
     grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(
-        "fwd", grid, block_d,
+        "fwd", grid, block_d, q.device,
         q, k, v, o, lse, doc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -738,7 +748,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal: bool = True, document_ids
                   PRECISION=_precision(q.dtype))
     shape_args = (H, H // Hkv, Tq, Tk, next_power_of_2(Tq), next_power_of_2(Tk), scale * LOG2E, scale)
     _launch(
-        "dkdv", lambda meta: (cdiv(Tk, meta["BLOCK_N"]), B * Hkv), block_d,
+        "dkdv", lambda meta: (cdiv(Tk, meta["BLOCK_N"]), B * Hkv), block_d, q.device,
         q, k, v, do, lse, delta, doc, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -749,7 +759,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal: bool = True, document_ids
         stride_docb, *shape_args, **common,
     )
     _launch(
-        "dq", lambda meta: (cdiv(Tq, meta["BLOCK_M"]), B * H), block_d,
+        "dq", lambda meta: (cdiv(Tq, meta["BLOCK_M"]), B * H), block_d, q.device,
         q, k, v, do, lse, delta, doc, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -826,3 +836,63 @@ def flash_attention(q, k, v, *, causal: bool = True, document_ids=None, cu_seqle
     """Flash attention (see :func:`flash_attention_with_lse`); returns out (B, H, T_q, D)."""
     return flash_attention_with_lse(q, k, v, causal=causal, document_ids=document_ids,
                                     cu_seqlens=cu_seqlens, scale=scale)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/test_flash_attention_aot.py, python -m kernels.aot)
+# --------------------------------------------------------------------------------------------
+
+AOT_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+# Document masking compiles a different kernel (every tile masked, a tile-skip branch); it is
+# checked at the head dims models use most, to keep the CI compile budget at a few minutes.
+AOT_DOC_HEAD_DIMS = (64, 128)
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _aot_signature(kind: str, dtype: str, has_docs: bool) -> dict[str, str]:
+    names = list(inspect.signature(getattr(_KERNELS[kind], "fn", _KERNELS[kind])).parameters)
+    sig = {}
+    for n in names:
+        if n in ("LSE", "DELTA"):
+            sig[n] = "*fp32"
+        elif n == "DOC":
+            sig[n] = "*i64" if has_docs else f"*{dtype}"
+        elif n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            sig[n] = f"*{dtype}"
+        elif n in ("qk_scale", "sm_scale"):
+            sig[n] = "fp32"
+        elif n.startswith("stride_") or n in ("H", "N_REP", "T_Q", "T_K", "BUCKET_Q", "BUCKET_K"):
+            sig[n] = "i32"
+        else:
+            sig[n] = "constexpr"
+    return sig
+
+
+def aot_specs(arch: int = 90, head_dims=AOT_HEAD_DIMS, doc_head_dims=AOT_DOC_HEAD_DIMS,
+              dtypes=(torch.bfloat16,)) -> list:
+    """The kernels as they would launch on ``sm_{arch}``: every autotune config of every head
+    dim, causal; and with document masking at ``doc_head_dims``."""
+    from .aot import KernelSpec
+
+    specs = []
+    for head_dim in head_dims:
+        block_d = block_d_for(head_dim)
+        tables = {"fwd": fwd_configs(block_d, arch), **bwd_configs(block_d, arch)}
+        for dtype in dtypes:
+            dt = _TRITON_DTYPE[dtype]
+            for kind, table in tables.items():
+                for cfg in table:
+                    for has_docs in (False, True) if head_dim in doc_head_dims else (False,):
+                        sig = _aot_signature(kind, dt, has_docs)
+                        divisible = [n for n in sig if sig[n].startswith("*")]
+                        if head_dim % 16 == 0:  # (B, T, H, D) strides are multiples of D
+                            divisible += [n for n in sig if n.startswith("stride_") and n != "stride_docb"]
+                        specs.append(KernelSpec(
+                            module=__name__, kernel=_KERNEL_NAMES[kind], signature=sig,
+                            constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=True, HAS_DOCS=has_docs,
+                                            PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n),
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible=tuple(divisible),
+                            label=f"{kind:<4} D={head_dim:<3} {dt} {'docs' if has_docs else 'causal'} "
+                                  f"M{cfg.block_m} N{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
+                        ))
+    return specs

@@ -11,12 +11,14 @@ decoding: the newest query sees every cached key). ``document_ids`` (B, T_k) res
 query to keys of its own packed document.
 
 Built in:
-  eager  explicit softmax(q k^T) v in fp32, the reference (``kernels.reference.attention``)
-  sdpa   ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient / math)
+  eager   explicit softmax(q k^T) v in fp32, the reference (``kernels.reference.attention``)
+  sdpa    ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient / math)
+  triton  our Triton flash attention (``kernels.flash_attention``): CUDA tensors, or CPU tensors
+          under ``TRITON_INTERPRET=1``
 
-Later backends (the Triton flash attention) plug in with ``register_attention_backend``. A
-backend that cannot run on the input's device falls back to ``sdpa`` with a logged warning and
-the reason recorded in ``attention_fallbacks()``; it never falls back silently.
+More backends plug in with ``register_attention_backend``. A backend that cannot run on the
+input's device (or, for triton, dtype or head dim) falls back to ``sdpa`` with a logged warning
+and the reason recorded in ``attention_fallbacks()``; it never falls back silently.
 """
 
 from __future__ import annotations
@@ -87,12 +89,17 @@ def get_attention_backend(name: str, device: torch.device | None = None) -> Atte
             _AVAILABLE[key] = backend.available(device)
         ok, why = _AVAILABLE[key]
         if not ok:
-            key = (name, device.type)
-            if key not in _FALLBACKS:
-                _FALLBACKS[key] = why
-                log.warning("attention backend %r cannot run on %s (%s); using 'sdpa'", name, device, why)
+            _record_fallback(name, device.type, why)
             return _BACKENDS["sdpa"].fn
     return backend.fn
+
+
+def _record_fallback(name: str, where: str, why: str) -> None:
+    """Log (once per backend and place) and remember that ``name`` fell back to sdpa."""
+    key = (name, where)
+    if key not in _FALLBACKS:
+        _FALLBACKS[key] = why
+        log.warning("attention backend %r cannot run on %s (%s); using 'sdpa'", name, where, why)
 
 
 def eager_attention(
@@ -141,3 +148,51 @@ def sdpa_attention(
 
 register_attention_backend("eager", eager_attention)
 register_attention_backend("sdpa", sdpa_attention)
+
+
+def triton_attention_available(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernel runs on ``device``: CUDA with Triton, or CPU under the interpreter."""
+    import kernels
+    from kernels.common import is_interpreting
+
+    if not kernels.triton_available():
+        return False, kernels.triton_unavailable_reason()
+    if is_interpreting():
+        if device.type == "cpu":
+            return True, "triton interpreter on CPU tensors"
+        return False, f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, not {device.type}"
+    if device.type == "cuda":
+        return True, "triton on CUDA"
+    return False, f"Triton kernels need CUDA tensors, got {device.type}"
+
+
+@torch.compiler.disable  # a graph break: dynamo does not trace into the autotuned kernels
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    document_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Triton flash attention (forward and backward kernels), GQA without repeating k/v.
+
+    Inputs the kernel does not take (bf16 under the CPU interpreter, head dims above 256)
+    run on sdpa instead, with the reason logged and kept in ``attention_fallbacks()``.
+    """
+    from kernels.common import is_interpreting
+    from kernels.flash_attention import MAX_HEAD_DIM, flash_attention
+
+    why = None
+    if q.shape[-1] > MAX_HEAD_DIM:
+        why = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    elif is_interpreting() and q.dtype == torch.bfloat16:
+        why = "bf16 under the Triton interpreter (tl.dot on bf16 is broken there, triton issue 11584)"
+    if why is not None:
+        _record_fallback("triton", f"{q.device.type}/{str(q.dtype).removeprefix('torch.')}/D={q.shape[-1]}", why)
+        return sdpa_attention(q, k, v, causal=causal, document_ids=document_ids, scale=scale)
+    return flash_attention(q, k, v, causal=causal, document_ids=document_ids, scale=scale)
+
+
+register_attention_backend("triton", triton_attention, triton_attention_available)

@@ -70,7 +70,7 @@ class ModelArgs:
 
     # --- llama-mini's additions ------------------------------------------------------------
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # context extension
-    attn_backend: str = "sdpa"  # attention backend by registry name: eager | sdpa | (triton)
+    attn_backend: str = "sdpa"  # attention backend by registry name: eager | sdpa | triton
     norm_impl: str = "auto"  # RMSNorm implementation: auto | torch | any registered kernel
     rope_impl: str = "auto"  # rotary embedding implementation
     mlp_impl: str = "auto"  # SwiGLU activation implementation

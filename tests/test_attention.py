@@ -8,6 +8,9 @@ import logging
 import pytest
 import torch
 
+import kernels
+import kernels.common
+
 from llama_mini import attention_backends, attention_fallbacks, get_attention_backend, register_attention_backend
 from llama_mini.attention import eager_attention, sdpa_attention
 
@@ -83,3 +86,29 @@ def test_unavailable_backend_falls_back_to_sdpa_visibly(caplog):
     assert fn is sdpa_attention and not calls
     assert attention_fallbacks()["test-gpu-only@cpu"] == "needs CUDA"
     assert "cannot run on cpu (needs CUDA); using 'sdpa'" in caplog.text
+
+
+def test_triton_backend_falls_back_to_sdpa_visibly_where_it_cannot_run(caplog):
+    from llama_mini.attention import triton_attention_available
+
+    ok, why = triton_attention_available(torch.device("meta"))
+    assert not ok and why
+    with caplog.at_level(logging.WARNING, logger="llama_mini.attention"):
+        fn = get_attention_backend("triton", torch.device("meta"))
+    assert fn is sdpa_attention
+    assert "triton@meta" in attention_fallbacks()
+    assert "cannot run on meta" in caplog.text
+
+
+@pytest.mark.skipif(not kernels.common.is_interpreting(), reason="CPU interpreter only")
+def test_triton_backend_runs_on_cpu_under_the_interpreter_and_refuses_bf16_visibly(caplog):
+    from llama_mini.attention import triton_attention
+
+    assert get_attention_backend("triton", torch.device("cpu")) is triton_attention
+    q, k, v = _inputs(1, 4, 2, 19, 19, 16)
+    torch.testing.assert_close(triton_attention(q, k, v), eager_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    with caplog.at_level(logging.WARNING, logger="llama_mini.attention"):
+        out = triton_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert any("bf16" in why for why in attention_fallbacks().values())
+    assert "11584" in caplog.text

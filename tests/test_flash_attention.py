@@ -1,0 +1,319 @@
+"""The Triton flash attention kernel against a float64 reference, forward and backward.
+
+Runs under ``TRITON_INTERPRET=1`` on CPU (fp32 and fp16, small shapes; the interpreter tiles
+with 16 x 16 blocks, so lengths such as 37 cross ragged tile edges) and on a CUDA GPU with the
+compiled, autotuned kernels (adds bf16, which the interpreter cannot run: triton issue 11584).
+
+Every launch allocates its outputs (out, lse, delta, dq, dk, dv) poisoned with NaN, so an
+element the kernel forgets to write fails the comparison instead of passing as a stale zero.
+
+Tolerances
+----------
+fp32: the kernel computes in fp32 what the reference computes in float64. Each output element
+is a sum over at most a few hundred products of O(1) values, so fp32 rounding leaves errors of
+a few 1e-7 (measured: at most 1.1e-6 over these cases); 1e-5 absolute and relative leaves a 10x
+margin and still fails on any real mistake (a wrong mask, scale or Delta moves values by >1e-2).
+fp16 / bf16: the flash-attention project's rule. The error of the kernel against the float64
+reference must be at most twice the error of PyTorch computing the same attention in the same
+low precision (scores, softmax and products in that dtype), plus 1e-6 for the case where
+PyTorch happens to be exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.common import is_interpreting
+
+pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
+
+if kernels.triton_available():
+    from kernels.common import poisoned_outputs
+    from kernels.flash_attention import (
+        INTERPRETER_BLOCK,
+        cu_seqlens_to_document_ids,
+        flash_attention,
+        flash_attention_with_lse,
+    )
+
+DEVICE = "cuda" if torch.cuda.is_available() and not is_interpreting() else "cpu"
+FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _inputs(B, H, Hkv, Tq, Tk, D, dtype, seed, layout="bhtd"):
+    """Fresh random q, k, v (leaf tensors). layout "bthd" gives the model's transposed views."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(h, t):
+        if layout == "bthd":
+            x = torch.randn(B, t, h, D, generator=g).to(DEVICE, dtype).transpose(1, 2)
+        else:
+            x = torch.randn(B, h, t, D, generator=g).to(DEVICE, dtype)
+        return x.requires_grad_()
+
+    return make(H, Tq), make(Hkv, Tk), make(Hkv, Tk)
+
+
+def _reference(q, k, v, causal, document_ids, scale=None):
+    """float64 out, lse and grads (with the given dout) from kernels.reference."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = reference.attention(q64, k64, v64, causal=causal, document_ids=document_ids, scale=scale)
+    D = q.shape[-1]
+    scores = q64 @ reference.repeat_kv(k64, q.shape[1] // k.shape[1]).transpose(-1, -2)
+    scores = scores * (D**-0.5 if scale is None else scale)
+    mask = reference.attention_mask(q.shape[2], k.shape[2], causal=causal, document_ids=document_ids,
+                                    device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores.detach(), dim=-1)
+    return out, lse, (q64, k64, v64)
+
+
+def _same_dtype_pytorch(q, k, v, causal, document_ids, dout):
+    """Attention computed by PyTorch entirely in q's dtype: the baseline error of that dtype."""
+    q1, k1, v1 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    n_rep = q.shape[1] // k.shape[1]
+    s = (q1 @ reference.repeat_kv(k1, n_rep).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    mask = reference.attention_mask(q.shape[2], k.shape[2], causal=causal, document_ids=document_ids,
+                                    device=q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:
+        p = p.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    out = p @ reference.repeat_kv(v1, n_rep)
+    out.backward(dout)
+    return out.detach(), q1.grad, k1.grad, v1.grad
+
+
+def _check(name, got, want, dtype, baseline=None):
+    got, want = got.double(), want.double()
+    assert not torch.isnan(got).any(), f"{name}: NaN in the kernel's result (an unwritten element?)"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    else:
+        err = (got - want).abs().max().item()
+        base = (baseline.double() - want).abs().max().item()
+        assert err <= 2 * base + 1e-6, f"{name}: error {err:.3g} > 2 x PyTorch {dtype} error {base:.3g}"
+
+
+def _run_and_compare(q, k, v, causal, document_ids=None, dtype=torch.float32, seed=0):
+    with poisoned_outputs():
+        out, lse = flash_attention_with_lse(q, k, v, causal=causal, document_ids=document_ids)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, out.dtype)
+        out.backward(dout)
+    ref, ref_lse, (q64, k64, v64) = _reference(q, k, v, causal, document_ids)
+    ref.backward(dout.double())
+    baseline = [None] * 4
+    if dtype != torch.float32:
+        baseline = _same_dtype_pytorch(q, k, v, causal, document_ids, dout)
+    _check("out", out, ref, dtype, baseline[0])
+    # lse: -inf exactly where a row sees no key, fp32-accurate elsewhere (it is kept in fp32)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: -inf rows differ"
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 2e-3)
+    for name, got, want, base in (("dq", q.grad, q64.grad, baseline[1]), ("dk", k.grad, k64.grad, baseline[2]),
+                                  ("dv", v.grad, v64.grad, baseline[3])):
+        _check(name, got, want, dtype, base)
+    return out
+
+
+CASES = [
+    # B, H, Hkv, Tq, Tk, D, causal
+    (1, 2, 2, 16, 16, 16, True),  # exactly one tile
+    (2, 4, 4, 37, 37, 32, True),  # ragged last tile
+    (2, 4, 4, 37, 37, 32, False),
+    (2, 4, 2, 33, 33, 64, True),  # grouped-query
+    (1, 4, 1, 50, 50, 16, True),  # multi-query
+    (1, 4, 1, 50, 50, 16, False),
+    (2, 2, 1, 1, 45, 32, True),  # one decode step against a cache
+    (1, 4, 2, 7, 40, 80, True),  # chunked prefill (bottom-right causal), head dim 80 padded to 128
+    (1, 2, 2, 40, 23, 96, True),  # more queries than keys: the first 17 rows see nothing
+    (1, 2, 1, 23, 40, 24, False),  # T_q < T_k, head dim 24 padded to 32
+    (1, 2, 2, 20, 20, 128, True),
+    (5, 1, 1, 123, 123, 16, True),  # the design notes' awkward 5 x 123 x 123
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal", CASES)
+def test_matches_float64_reference(B, H, Hkv, Tq, Tk, D, causal, dtype):
+    seed = hash((B, H, Hkv, Tq, Tk, D, causal)) % 10_000
+    q, k, v = _inputs(B, H, Hkv, Tq, Tk, D, dtype, seed)
+    _run_and_compare(q, k, v, causal, dtype=dtype, seed=seed)
+
+
+def _doc_ids(rows):
+    return torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]) for lengths in rows]).to(DEVICE)
+
+
+DOC_ROWS = [
+    [1, 7, 20, 3, 9],  # a length-1 document, odd lengths, one longer than a tile
+    [17, 1, 1, 21],  # different boundaries in the second row
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (2, 1)])
+def test_document_masking_matches_reference(H, Hkv, causal, dtype):
+    doc = _doc_ids(DOC_ROWS)  # (2, 40)
+    q, k, v = _inputs(2, H, Hkv, 40, 40, 32, dtype, seed=H * 10 + Hkv + causal)
+    _run_and_compare(q, k, v, causal, document_ids=doc, dtype=dtype)
+
+
+def test_document_masking_with_a_kv_cache_prefix():
+    """Chunked prefill of a packed row: the last 13 of 40 positions query the whole row."""
+    doc = _doc_ids(DOC_ROWS)
+    q, k, v = _inputs(2, 4, 2, 13, 40, 16, torch.float32, seed=3)
+    _run_and_compare(q, k, v, True, document_ids=doc)
+
+
+def test_each_document_equals_attention_on_that_document_alone():
+    lengths = [1, 7, 20, 3, 9]
+    doc = _doc_ids([lengths])
+    q, k, v = _inputs(1, 2, 1, 40, 40, 16, torch.float32, seed=5)
+    with torch.no_grad():
+        out = flash_attention(q, k, v, causal=True, document_ids=doc)
+        start = 0
+        for n in lengths:
+            s = slice(start, start + n)
+            alone = flash_attention(q[:, :, s], k[:, :, s], v[:, :, s], causal=True)
+            torch.testing.assert_close(out[:, :, s], alone, rtol=1e-6, atol=1e-6)
+            start += n
+
+
+def test_model_layout_views_are_read_in_place_and_output_is_bthd():
+    """The model passes (B, T, H, D) tensors transposed to (B, H, T, D); no copy is needed and
+    the output's transpose back to (B, T, H, D) is contiguous."""
+    q, k, v = _inputs(2, 4, 2, 21, 21, 32, torch.float32, seed=7, layout="bthd")
+    assert not q.is_contiguous()
+    out = _run_and_compare(q, k, v, True)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_cu_seqlens_equal_document_ids():
+    cu = torch.tensor([0, 1, 8, 28, 31, 40])
+    ids = cu_seqlens_to_document_ids(cu)
+    assert ids.tolist() == _doc_ids([[1, 7, 20, 3, 9]]).cpu().tolist()
+    q, k, v = _inputs(1, 2, 2, 40, 40, 16, torch.float32, seed=9)
+    with torch.no_grad():
+        a = flash_attention(q, k, v, cu_seqlens=cu.to(DEVICE))
+        b = flash_attention(q, k, v, document_ids=ids.to(DEVICE))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="start at 0"):
+        cu_seqlens_to_document_ids(torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match="ends at 39"):
+        cu_seqlens_to_document_ids(torch.tensor([0, 39]), total=40)
+
+
+def test_backward_is_deterministic():
+    q, k, v = _inputs(1, 4, 1, 45, 45, 32, torch.float32, seed=11)
+    grads = []
+    for _ in range(2):
+        for t in (q, k, v):
+            t.grad = None
+        flash_attention(q, k, v).sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="relies on the interpreter's fixed 16 x 16 tiling")
+def test_tiles_above_the_diagonal_are_skipped_not_masked():
+    """Keys 16..31 hold NaN. Query tile 0 (rows 0..15) must never load them: a masked-but-
+    computed tile would turn 0 * NaN into NaN in its output and gradients."""
+    T = 2 * INTERPRETER_BLOCK
+    q, k, v = _inputs(1, 2, 2, T, T, 16, torch.float32, seed=13)
+    with torch.no_grad():
+        k[:, :, INTERPRETER_BLOCK:] = float("nan")
+        v[:, :, INTERPRETER_BLOCK:] = float("nan")
+    out = flash_attention(q, k, v, causal=True)
+    first = slice(0, INTERPRETER_BLOCK)
+    assert torch.isfinite(out[:, :, first]).all()
+    ref = reference.attention(q[:, :, first].double(), k[:, :, first].double(), v[:, :, first].double())
+    torch.testing.assert_close(out[:, :, first].double(), ref, rtol=1e-5, atol=1e-5)
+    # Backward: only rows of tile 0 get a gradient, so dQ of tile 0 must stay finite.
+    dout = torch.zeros_like(out)
+    dout[:, :, first] = 1.0
+    out.backward(dout)
+    assert torch.isfinite(q.grad[:, :, first]).all()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="relies on the interpreter's fixed 16 x 16 tiling")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_tiles_across_a_document_boundary_are_skipped(causal):
+    """Two documents aligned to tiles; the second one's keys and values are NaN. Every tile
+    pairing the first document's queries with the second's keys must be skipped."""
+    n = INTERPRETER_BLOCK
+    doc = _doc_ids([[n, n]])
+    q, k, v = _inputs(1, 2, 1, 2 * n, 2 * n, 16, torch.float32, seed=17)
+    with torch.no_grad():
+        k[:, :, n:] = float("nan")
+        v[:, :, n:] = float("nan")
+    out = flash_attention(q, k, v, causal=causal, document_ids=doc)
+    assert torch.isfinite(out[:, :, :n]).all()
+    ref = reference.attention(q[:, :, :n].double(), k[:, :, :n].double(), v[:, :, :n].double(), causal=causal)
+    torch.testing.assert_close(out[:, :, :n].double(), ref, rtol=1e-5, atol=1e-5)
+    dout = torch.zeros_like(out)
+    dout[:, :, :n] = 1.0
+    out.backward(dout)
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad[:, :, :n]).all()
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, message",
+    [
+        (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 9, 16)), {}, "same shape"),
+        (((1, 3, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "multiple of key/value heads 2"),
+        (((1, 2, 8, 16), (2, 2, 8, 16), (2, 2, 8, 16)), {}, "batch or head dim"),
+        (((1, 2, 8, 300), (1, 2, 8, 300), (1, 2, 8, 300)), {}, "head dim 300"),
+        (((1, 2, 8), (1, 2, 8, 16), (1, 2, 8, 16)), {}, "q must be a 4-D"),
+        (((1, 2, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"document_ids": torch.zeros(1, 8, dtype=torch.long)},
+         r"T_q \(9\) must not exceed T_k \(8\)"),
+        (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"document_ids": torch.zeros(1, 7, dtype=torch.long)},
+         "document_ids must be"),
+        (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"document_ids": torch.zeros(1, 8)}, "document_ids must be"),
+    ],
+)
+def test_bad_inputs_name_the_argument(shapes, kwargs, message):
+    q, k, v = (torch.zeros(s, device=DEVICE) for s in shapes)
+    kwargs = {key: val.to(DEVICE) for key, val in kwargs.items()}
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, v, **kwargs)
+
+
+def test_mixed_dtypes_are_rejected():
+    q = torch.zeros(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="share one dtype"):
+        flash_attention(q, q.half(), q)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter only")
+def test_bf16_under_the_interpreter_is_refused_with_the_reason():
+    q = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="11584"):
+        flash_attention(q, q, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,docs", [
+    (2, 8, 2, 1000, 1000, 128, True, False),  # autotuned tiles, ragged end
+    (2, 8, 8, 513, 513, 64, False, False),
+    (1, 8, 1, 200, 1031, 80, True, False),  # chunked prefill, padded head dim
+    (2, 4, 2, 700, 700, 96, True, True),
+    (1, 4, 4, 2048, 2048, 256, True, False),
+])
+def test_gpu_low_precision_within_twice_pytorch_error(B, H, Hkv, Tq, Tk, D, causal, docs, dtype):
+    q, k, v = _inputs(B, H, Hkv, Tq, Tk, D, dtype, seed=Tq + D)
+    doc = None
+    if docs:
+        g = torch.Generator().manual_seed(0)
+        cuts = torch.sort(torch.randint(1, Tk, (B, 6), generator=g), dim=1).values
+        doc = (torch.arange(Tk)[None, :, None] >= cuts[:, None, :]).sum(-1).to(DEVICE)
+    _run_and_compare(q, k, v, causal, document_ids=doc, dtype=dtype)
