@@ -5,6 +5,14 @@ Layout
 ``kernels.reference``
     The plain-PyTorch reference of every op (RMSNorm, rotary embedding, SwiGLU, attention,
     cross-entropy). The CPU path of the model and every kernel test use these.
+``kernels.flash_attention``
+    Triton flash attention, forward and backward (causal, GQA, ragged lengths, document
+    masking): ``flash_attention(q, k, v, causal=True, document_ids=None)``. Imports triton.
+``kernels.common``
+    Launcher helpers (interpreter detection, output allocation, ``poisoned_outputs`` for tests).
+``kernels.aot``
+    Ahead-of-time compile checks for sm_80 / sm_90 without a GPU (spills, shared memory,
+    tensor-core instructions): ``python -m kernels.aot kernels.flash_attention``.
 ``kernels.triton_available()``
     Whether Triton kernels can run here, and if not, why (``triton_unavailable_reason()``).
 

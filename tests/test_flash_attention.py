@@ -307,7 +307,7 @@ def test_bf16_under_the_interpreter_is_refused_with_the_reason():
     (2, 8, 8, 513, 513, 64, False, False),
     (1, 8, 1, 200, 1031, 80, True, False),  # chunked prefill, padded head dim
     (2, 4, 2, 700, 700, 96, True, True),
-    (1, 4, 4, 2048, 2048, 256, True, False),
+    (1, 4, 4, 2048, 2048, 128, True, False),
 ])
 def test_gpu_low_precision_within_twice_pytorch_error(B, H, Hkv, Tq, Tk, D, causal, docs, dtype):
     q, k, v = _inputs(B, H, Hkv, Tq, Tk, D, dtype, seed=Tq + D)
