@@ -61,11 +61,13 @@ Two kernels after the Delta preprocessing pass, both deterministic:
   the forward does, accumulating dQ in registers.
 
 We chose KV-outer for dK/dV and a separate Q-outer pass for dQ over the single-kernel variant
-(KV-outer with dQ accumulated by ``atomic_add``): the atomic variant saves one recomputation of
-Q K^T and exp, but its float additions land in a run-dependent order (results differ in the
+(KV-outer with dQ accumulated by ``atomic_add``): the atomic variant saves recomputing Q K^T,
+exp and dO V^T, but its float additions land in a run-dependent order (results differ in the
 last bits between runs) and contended atomics on dQ serialise under GQA, where n_rep programs
-add into the same rows. Recomputing costs about 20% more backward FLOPs on the matrix units and
-buys bit-reproducible gradients, which exact resume in the trainer relies on.
+add into the same rows. The split does 7 tile matrix products per (query tile, key tile) pair
+instead of 5 (dK/dV: S^T, dV, dP^T, dK; dQ: S, dP, dQ), 40% more backward matrix FLOPs, and
+buys bit-reproducible gradients, which exact resume in the trainer relies on. (Benchmarks
+count the standard 2.5x-forward backward FLOPs, so they report useful work, not work done.)
 
 Shapes and dtypes
 -----------------
@@ -78,9 +80,11 @@ dtype and the layout (B, T_q, H, D) viewed as (B, H, T_q, D); L is fp32 (B, H, T
 
 Block sizes
 -----------
-On GPU each kernel is autotuned per (head-dim block, causal, documents, power-of-two length
-buckets) over a small table of configurations (``fwd_configs``, ``bwd_configs``) that the
-ahead-of-time compile test checks for register spills and shared-memory fit on sm_80 and sm_90.
+On GPU each kernel is autotuned per (power-of-two buckets of T_q and T_k, n_rep, head dim,
+causal, documents, dtype) over a small table of configurations per padded head dim and
+architecture (``fwd_configs``, ``bwd_configs``) that the ahead-of-time compile test checks for
+register spills, shared-memory fit and tensor-core use on sm_80 and sm_90. Length buckets keep
+KV-cache decoding, where T_k grows by one each step, from re-tuning at every step.
 Under the Triton interpreter a fixed 16 x 16 tiling runs, so small test shapes still cross
 several tiles.
 """

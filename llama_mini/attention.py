@@ -178,8 +178,9 @@ def triton_attention(
 ) -> torch.Tensor:
     """Triton flash attention (forward and backward kernels), GQA without repeating k/v.
 
-    Inputs the kernel does not take (bf16 under the CPU interpreter, head dims above 256)
-    run on sdpa instead, with the reason logged and kept in ``attention_fallbacks()``.
+    Inputs the kernel does not take (bf16 under the CPU interpreter, head dims above
+    ``kernels.flash_attention.MAX_HEAD_DIM`` = 128) run on sdpa instead, with the reason
+    logged and kept in ``attention_fallbacks()``.
     """
     from kernels.common import is_interpreting
     from kernels.flash_attention import MAX_HEAD_DIM, flash_attention
