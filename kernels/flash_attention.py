@@ -113,13 +113,17 @@ __all__ = [
     "bwd_configs",
     "aot_specs",
     "INTERPRETER_BLOCK",
+    "INTERPRETER_TILES",
     "MAX_HEAD_DIM",
 ]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 128
-INTERPRETER_BLOCK = 16  # BLOCK_M = BLOCK_N under TRITON_INTERPRET=1
+# Tiles under TRITON_INTERPRET=1: (BLOCK_M, BLOCK_N). Small, so test shapes cross several tiles;
+# tests also set non-square pairs, since every GPU configuration is non-square.
+INTERPRETER_BLOCK = 16
+INTERPRETER_TILES = (INTERPRETER_BLOCK, INTERPRETER_BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +148,15 @@ def _load_rows(ptrs, rows_ok, d_ok, ROW_MASK: tl.constexpr, D_MASK: tl.constexpr
 
 
 @triton.jit
+def _tile(base, start, stride, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers to rows [start, start + BLOCK) x head-dim columns [0, BLOCK_D) of one head. The
+    tile's row offset is taken in int64, so heads beyond 2^31 elements address correctly, while
+    offsets inside the tile stay 32-bit (cheaper in registers)."""
+    rows = tl.arange(0, BLOCK)[:, None] * stride + tl.arange(0, BLOCK_D)[None, :]
+    return base + tl.cast(start, tl.int64) * stride + rows
+
+
+@triton.jit
 def _tile_ids_overlap(doc_base, offs, T, lo, hi):
     """Ids of positions ``offs`` (clamped to T-1) and whether their range meets [lo, hi]."""
     ids = tl.load(doc_base + tl.minimum(offs, T - 1))
@@ -162,7 +175,7 @@ def _fwd_tile(
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < T_K
     d_ok = offs_d < HEAD_DIM
-    k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], n_ok, d_ok, MASKED, HEAD_DIM != BLOCK_D)
+    k = _load_rows(_tile(k_base, n0, stride_kt, BLOCK_N, BLOCK_D), n_ok, d_ok, MASKED, HEAD_DIM != BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN), log2 units
     if MASKED:
         keep = n_ok[None, :]
@@ -179,7 +192,7 @@ def _fwd_tile(
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], n_ok, d_ok, MASKED, HEAD_DIM != BLOCK_D)
+    v = _load_rows(_tile(v_base, n0, stride_vt, BLOCK_N, BLOCK_D), n_ok, d_ok, MASKED, HEAD_DIM != BLOCK_D)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_i, m_new
 
@@ -237,9 +250,10 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(T_q, BLOCK_M), B * H). Writes O and LSE for one query tile of one head."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (cdiv(T_q, BLOCK_M) * B * H,). Writes O and LSE for one query tile of one head."""
+    num_m = tl.cdiv(T_Q, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m  # query tiles of one head are neighbours: k, v stay in L2
+    pid_bh = tl.program_id(0) // num_m
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
     off_g = (off_h // N_REP).to(tl.int64)
@@ -250,7 +264,7 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T_Q
     d_ok = offs_d < HEAD_DIM
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = _load_rows(_tile(Q + off_b * stride_qb + off_h * stride_qh, m0, stride_qt, BLOCK_M, BLOCK_D),
                    m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
     k_base = K + off_b * stride_kb + off_g * stride_kh
     v_base = V + off_b * stride_vb + off_g * stride_vh
@@ -279,7 +293,7 @@ def _attn_fwd(
     l_safe = tl.where(empty_row, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o_ptrs = _tile(O + off_b * stride_ob + off_h * stride_oh, m0, stride_ot, BLOCK_M, BLOCK_D)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_bh.to(tl.int64) * T_Q + offs_m, lse, mask=m_ok)
 
@@ -292,17 +306,19 @@ def _attn_bwd_preprocess(
     H, T_Q,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Grid (cdiv(T_q, BLOCK_M), B * H). Delta = rowsum(dO * O) in fp32."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (cdiv(T_q, BLOCK_M) * B * H,). Delta = rowsum(dO * O) in fp32."""
+    num_m = tl.cdiv(T_Q, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    pid_bh = tl.program_id(0) // num_m
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < T_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+    o = tl.load(_tile(O + off_b * stride_ob + off_h * stride_oh, m0, stride_ot, BLOCK_M, BLOCK_D),
                 mask=mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+    do = tl.load(_tile(DO + off_b * stride_dob + off_h * stride_doh, m0, stride_dot, BLOCK_M, BLOCK_D),
                  mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T_Q + offs_m, delta, mask=offs_m < T_Q)
@@ -321,8 +337,8 @@ def _dkdv_tile(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T_Q
     d_ok = offs_d < HEAD_DIM
-    q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
-    do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    q = _load_rows(_tile(q_base, m0, stride_qt, BLOCK_M, BLOCK_D), m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
+    do = _load_rows(_tile(do_base, m0, stride_dot, BLOCK_M, BLOCK_D), m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
     lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BN, BM)
@@ -377,10 +393,11 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(T_k, BLOCK_N), B * H_kv). dK, dV of one key tile, summed over the group's
+    """Grid (cdiv(T_k, BLOCK_N) * B * H_kv,). dK, dV of one key tile, summed over the group's
     query heads."""
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    num_n = tl.cdiv(T_K, BLOCK_N)
+    pid_n = tl.program_id(0) % num_n
+    pid_bg = tl.program_id(0) // num_n
     H_KV = H // N_REP
     off_b = (pid_bg // H_KV).to(tl.int64)
     off_g = (pid_bg % H_KV).to(tl.int64)
@@ -390,9 +407,9 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < T_K
     d_ok = offs_d < HEAD_DIM
-    k = _load_rows(K + off_b * stride_kb + off_g * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+    k = _load_rows(_tile(K + off_b * stride_kb + off_g * stride_kh, n0, stride_kt, BLOCK_N, BLOCK_D),
                    n_ok, d_ok, True, HEAD_DIM != BLOCK_D)
-    v = _load_rows(V + off_b * stride_vb + off_g * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+    v = _load_rows(_tile(V + off_b * stride_vb + off_g * stride_vh, n0, stride_vt, BLOCK_N, BLOCK_D),
                    n_ok, d_ok, True, HEAD_DIM != BLOCK_D)
     doc_base = DOC + off_b * stride_docb
     if HAS_DOCS:
@@ -434,9 +451,9 @@ def _attn_bwd_dkdv(
                             BLOCK_D, BLOCK_M, False, CAUSAL, HAS_DOCS, PRECISION)
     dk = dk * sm_scale
     mask = n_ok[:, None] & d_ok[None, :]
-    tl.store(DK + off_b * stride_dkb + off_g * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+    tl.store(_tile(DK + off_b * stride_dkb + off_g * stride_dkh, n0, stride_dkt, BLOCK_N, BLOCK_D),
              dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + off_b * stride_dvb + off_g * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+    tl.store(_tile(DV + off_b * stride_dvb + off_g * stride_dvh, n0, stride_dvt, BLOCK_N, BLOCK_D),
              dv.to(DV.dtype.element_ty), mask=mask)
 
 
@@ -451,8 +468,8 @@ def _dq_tile(
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < T_K
     d_ok = offs_d < HEAD_DIM
-    k = _load_rows(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], n_ok, d_ok, MASKED, HEAD_DIM != BLOCK_D)
-    v = _load_rows(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], n_ok, d_ok, MASKED, HEAD_DIM != BLOCK_D)
+    k = _load_rows(_tile(k_base, n0, stride_kt, BLOCK_N, BLOCK_D), n_ok, d_ok, MASKED, HEAD_DIM != BLOCK_D)
+    v = _load_rows(_tile(v_base, n0, stride_vt, BLOCK_N, BLOCK_D), n_ok, d_ok, MASKED, HEAD_DIM != BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN)
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
@@ -502,9 +519,10 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(T_q, BLOCK_M), B * H). dQ of one query tile of one head."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Grid (cdiv(T_q, BLOCK_M) * B * H,). dQ of one query tile of one head."""
+    num_m = tl.cdiv(T_Q, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    pid_bh = tl.program_id(0) // num_m
     off_b = (pid_bh // H).to(tl.int64)
     off_h = pid_bh % H
     off_g = (off_h // N_REP).to(tl.int64)
@@ -515,9 +533,9 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T_Q
     d_ok = offs_d < HEAD_DIM
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = _load_rows(_tile(Q + off_b * stride_qb + off_h * stride_qh, m0, stride_qt, BLOCK_M, BLOCK_D),
                    m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
-    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+    do = _load_rows(_tile(DO + off_b * stride_dob + off_h * stride_doh, m0, stride_dot, BLOCK_M, BLOCK_D),
                     m_ok, d_ok, True, HEAD_DIM != BLOCK_D)
     row = pid_bh.to(tl.int64) * T_Q + offs_m
     lse2 = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
@@ -542,7 +560,7 @@ def _attn_bwd_dq(
                   offs_m, mid, hi, T_K, offset, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_DOCS,
                   PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+    tl.store(_tile(DQ + off_b * stride_dqb + off_h * stride_dqh, m0, stride_dqt, BLOCK_M, BLOCK_D),
              dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
@@ -574,14 +592,14 @@ C = BlockConfig
 _FWD = {
     16: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3)],
     32: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3)],
-    64: [C(128, 64, 8, 3), C(128, 32, 4, 3), C(64, 64, 4, 3)],
+    64: [C(128, 64, 8, 3), C(64, 64, 4, 3)],
     128: [C(128, 64, 8, 3), C(128, 32, 8, 3), C(64, 64, 4, 3)],
 }
 # dK/dV programs own a key tile (BLOCK_N rows) and stream query tiles (BLOCK_M rows) past it,
 # holding k, v, dK and dV for the whole loop: the register-hungriest kernel. At head dim 128
 # no tiling is spill-free on both Hopper and Ampere, so the two get their own candidates.
 _DKDV = {
-    16: [C(32, 128, 8, 3), C(64, 64, 4, 3), C(16, 128, 8, 3)],
+    16: [C(32, 128, 8, 3), C(16, 128, 8, 3)],
     32: [C(32, 128, 8, 3), C(64, 64, 4, 3), C(16, 128, 8, 3)],
     64: [C(32, 128, 8, 3), C(16, 128, 8, 3)],
     128: [C(32, 64, 8, 2)],
@@ -592,7 +610,7 @@ _DQ = {
     16: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 3)],
     32: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 3)],
     64: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 3)],
-    128: [C(128, 32, 8, 2), C(64, 64, 8, 2), C(64, 32, 4, 3)],
+    128: [C(64, 64, 8, 2), C(64, 32, 4, 3)],
 }
 del C
 _PREPROCESS_BLOCK_M = 64
@@ -620,8 +638,8 @@ def bwd_configs(block_d: int, arch: int = 90) -> dict[str, list[BlockConfig]]:
     return {"dkdv": list(dkdv or _DKDV[block_d]), "dq": list(_DQ[block_d])}
 
 
-_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
-_KERNEL_NAMES = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess}
+_KERNEL_NAMES = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq", "pre": "_attn_bwd_preprocess"}
 _TUNE_KEY = ["BUCKET_Q", "BUCKET_K", "N_REP", "HEAD_DIM", "CAUSAL", "HAS_DOCS"]
 
 
@@ -633,7 +651,8 @@ def _tuned(kind: str, block_d: int, arch: int):
 
 def _launch(kind: str, grid, block_d: int, device: torch.device, *args, **meta) -> None:
     if is_interpreting():
-        _KERNELS[kind][grid](*args, **meta, BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK)
+        block_m, block_n = INTERPRETER_TILES
+        _KERNELS[kind][grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
     else:
         major, minor = torch.cuda.get_device_capability(device)
         _tuned(kind, block_d, arch_family(10 * major + minor))[grid](*args, **meta)
@@ -714,7 +733,7 @@ def attention_forward(q, k, v, *, causal: bool = True, document_ids=None, scale:
         return o.zero_(), lse.fill_(float("-inf"))
     block_d = block_d_for(D)
     doc = document_ids if document_ids is not None else q
-    grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (cdiv(Tq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _launch(
         "fwd", grid, block_d, q.device,
         q, k, v, o, lse, doc,
@@ -733,7 +752,13 @@ def attention_forward(q, k, v, *, causal: bool = True, document_ids=None, scale:
 def attention_backward(do, q, k, v, o, lse, *, causal: bool = True, document_ids=None, scale: float | None = None):
     """Run the backward kernels for dO = d loss / d out. Returns (dq, dk, dv) shaped like q, k, v."""
     q, k, v, document_ids, scale = _prepare(q, k, v, document_ids, scale)
-    do, o = _last_dim_contiguous(do), _last_dim_contiguous(o)
+    for name, t, shape in (("do", do, q.shape), ("o", o, q.shape), ("lse", lse, q.shape[:3])):
+        if tuple(t.shape) != tuple(shape) or t.device != q.device:
+            raise ValueError(f"attention_backward: {name} must have shape {tuple(shape)} on {q.device}, "
+                             f"got {tuple(t.shape)} on {t.device}")
+    if lse.dtype != torch.float32:
+        raise ValueError(f"attention_backward: lse must be float32 (from attention_forward), got {lse.dtype}")
+    do, o, lse = _last_dim_contiguous(do), _last_dim_contiguous(o), lse.contiguous()
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
@@ -744,7 +769,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal: bool = True, document_ids
     stride_docb = doc.stride(0) if document_ids is not None else 0
     delta = empty(B, H, Tq, dtype=torch.float32, device=q.device)
     pre_m = INTERPRETER_BLOCK if is_interpreting() else _PREPROCESS_BLOCK_M
-    _attn_bwd_preprocess[(cdiv(Tq, pre_m), B * H)](
+    _attn_bwd_preprocess[(cdiv(Tq, pre_m) * B * H,)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Tq, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m,
     )
@@ -752,7 +777,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal: bool = True, document_ids
                   PRECISION=_precision(q.dtype))
     shape_args = (H, H // Hkv, Tq, Tk, next_power_of_2(Tq), next_power_of_2(Tk), scale * LOG2E, scale)
     _launch(
-        "dkdv", lambda meta: (cdiv(Tk, meta["BLOCK_N"]), B * Hkv), block_d, q.device,
+        "dkdv", lambda meta: (cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,), block_d, q.device,
         q, k, v, do, lse, delta, doc, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -763,7 +788,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal: bool = True, document_ids
         stride_docb, *shape_args, **common,
     )
     _launch(
-        "dq", lambda meta: (cdiv(Tq, meta["BLOCK_M"]), B * H), block_d, q.device,
+        "dq", lambda meta: (cdiv(Tq, meta["BLOCK_M"]) * B * H,), block_d, q.device,
         q, k, v, do, lse, delta, doc, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -793,6 +818,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a create_graph use raises
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, document_ids = ctx.saved_tensors
         dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal=ctx.causal, document_ids=document_ids,
@@ -875,12 +901,22 @@ def _aot_signature(kind: str, dtype: str, has_docs: bool) -> dict[str, str]:
 def aot_specs(arch: int = 90, head_dims=AOT_HEAD_DIMS, doc_head_dims=AOT_DOC_HEAD_DIMS,
               dtypes=(torch.bfloat16,)) -> list:
     """The kernels as they would launch on ``sm_{arch}``: every autotune config of every head
-    dim, causal; and with document masking at ``doc_head_dims``."""
+    dim, causal; and with document masking at ``doc_head_dims``; plus the Delta preprocess
+    (no matrix products, launched with Triton's default 4 warps and 3 stages)."""
     from .aot import KernelSpec
 
     specs = []
     for head_dim in head_dims:
         block_d = block_d_for(head_dim)
+        for dtype in dtypes:
+            sig = _aot_signature("pre", _TRITON_DTYPE[dtype], False)
+            specs.append(KernelSpec(
+                module=__name__, kernel=_KERNEL_NAMES["pre"], signature=sig,
+                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M),
+                num_warps=4, num_stages=3, expect_mma=False,
+                divisible=tuple(n for n in sig if sig[n].startswith("*")),
+                label=f"pre  D={head_dim:<3} {_TRITON_DTYPE[dtype]} M{_PREPROCESS_BLOCK_M} w4 s3",
+            ))
         tables = {"fwd": fwd_configs(block_d, arch), **bwd_configs(block_d, arch)}
         for dtype in dtypes:
             dt = _TRITON_DTYPE[dtype]

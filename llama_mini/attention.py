@@ -178,7 +178,7 @@ def triton_attention(
 ) -> torch.Tensor:
     """Triton flash attention (forward and backward kernels), GQA without repeating k/v.
 
-    Inputs the kernel does not take (bf16 under the CPU interpreter, head dims above
+    Inputs the kernel does not take (float64, bf16 under the CPU interpreter, head dims above
     ``kernels.flash_attention.MAX_HEAD_DIM`` = 128) run on sdpa instead, with the reason
     logged and kept in ``attention_fallbacks()``.
     """
@@ -186,7 +186,9 @@ def triton_attention(
     from kernels.flash_attention import MAX_HEAD_DIM, flash_attention
 
     why = None
-    if q.shape[-1] > MAX_HEAD_DIM:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        why = f"{q.dtype} is not a kernel dtype (float16, bfloat16, float32)"
+    elif q.shape[-1] > MAX_HEAD_DIM:
         why = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
     elif is_interpreting() and q.dtype == torch.bfloat16:
         why = "bf16 under the Triton interpreter (tl.dot on bf16 is broken there, triton issue 11584)"

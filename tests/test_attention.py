@@ -88,8 +88,11 @@ def test_unavailable_backend_falls_back_to_sdpa_visibly(caplog):
     assert "cannot run on cpu (needs CUDA); using 'sdpa'" in caplog.text
 
 
-def test_triton_backend_falls_back_to_sdpa_visibly_where_it_cannot_run(caplog):
+def test_triton_backend_falls_back_to_sdpa_visibly_where_it_cannot_run(caplog, monkeypatch):
+    from llama_mini import attention as attention_module
     from llama_mini.attention import triton_attention_available
+
+    monkeypatch.setattr(attention_module, "_FALLBACKS", {})  # each fallback logs once per process
 
     ok, why = triton_attention_available(torch.device("meta"))
     assert not ok and why
@@ -101,9 +104,11 @@ def test_triton_backend_falls_back_to_sdpa_visibly_where_it_cannot_run(caplog):
 
 
 @pytest.mark.skipif(not kernels.common.is_interpreting(), reason="CPU interpreter only")
-def test_triton_backend_runs_on_cpu_under_the_interpreter_and_refuses_bf16_visibly(caplog):
+def test_triton_backend_runs_on_cpu_under_the_interpreter_and_refuses_bf16_visibly(caplog, monkeypatch):
+    from llama_mini import attention as attention_module
     from llama_mini.attention import triton_attention
 
+    monkeypatch.setattr(attention_module, "_FALLBACKS", {})
     assert get_attention_backend("triton", torch.device("cpu")) is triton_attention
     q, k, v = _inputs(1, 4, 2, 19, 19, 16)
     torch.testing.assert_close(triton_attention(q, k, v), eager_attention(q, k, v), rtol=1e-5, atol=1e-5)
@@ -112,3 +117,6 @@ def test_triton_backend_runs_on_cpu_under_the_interpreter_and_refuses_bf16_visib
     assert out.dtype == torch.bfloat16
     assert any("bf16" in why for why in attention_fallbacks().values())
     assert "11584" in caplog.text
+    out = triton_attention(q.double(), k.double(), v.double())  # float64: sdpa, visibly
+    torch.testing.assert_close(out, eager_attention(q.double(), k.double(), v.double()))
+    assert any("float64" in why for why in attention_fallbacks().values())

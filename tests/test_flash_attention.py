@@ -114,7 +114,8 @@ def _run_and_compare(q, k, v, causal, document_ids=None, dtype=torch.float32, se
     # lse: -inf exactly where a row sees no key, fp32-accurate elsewhere (it is kept in fp32)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: -inf rows differ"
     finite = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 2e-3)
+    # lse is computed in fp32 from the same (low-precision) inputs the reference upcasts
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-5)
     for name, got, want, base in (("dq", q.grad, q64.grad, baseline[1]), ("dk", k.grad, k64.grad, baseline[2]),
                                   ("dv", v.grad, v64.grad, baseline[3])):
         _check(name, got, want, dtype, base)
@@ -135,10 +136,16 @@ CASES = [
     (1, 2, 1, 23, 40, 24, False),  # T_q < T_k, head dim 24 padded to 32
     (1, 2, 2, 20, 20, 128, True),
     (5, 1, 1, 123, 123, 16, True),  # the design notes' awkward 5 x 123 x 123
+    # causal offsets T_k - T_q that put the diagonal one or two keys off a tile edge, where
+    # an off-by-one in the loop bounds or the masked / mask-free split shows
+    (1, 2, 2, 32, 33, 16, True),  # offset 1
+    (1, 2, 2, 17, 34, 16, True),  # offset 17 = 16 + 1
+    (1, 2, 2, 18, 32, 16, True),  # offset 14
+    (1, 2, 2, 40, 25, 16, True),  # offset -15
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal", CASES)
 def test_matches_float64_reference(B, H, Hkv, Tq, Tk, D, causal, dtype):
     seed = hash((B, H, Hkv, Tq, Tk, D, causal)) % 10_000
@@ -156,7 +163,7 @@ DOC_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (2, 1)])
 def test_document_masking_matches_reference(H, Hkv, causal, dtype):
@@ -195,6 +202,46 @@ def test_model_layout_views_are_read_in_place_and_output_is_bthd():
     assert out.transpose(1, 2).is_contiguous()
 
 
+def test_inputs_without_a_contiguous_last_dim_are_copied_not_misread():
+    """q, k, v and dout whose last dim is strided (e.g. a transpose of (B, H, D, T))."""
+    g = torch.Generator().manual_seed(19)
+
+    def strided(*shape):
+        B, H, T, D = shape
+        return torch.randn(B, H, D, T, generator=g).to(DEVICE).transpose(-1, -2).requires_grad_()
+
+    q, k, v = strided(1, 4, 21, 16), strided(1, 2, 21, 16), strided(1, 2, 21, 16)
+    assert q.stride(-1) != 1
+    out = flash_attention(q, k, v)
+    dout = torch.randn(1, 4, 16, 21, generator=g).to(DEVICE).transpose(-1, -2)
+    out.backward(dout)
+    ref, _, (q64, k64, v64) = _reference(q, k, v, True, None)
+    ref.backward(dout.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="sets the interpreter's tiles")
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)], ids=["M16-N32", "M32-N16"])
+@pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,docs", [
+    (2, 4, 2, 37, 37, 32, True, False),  # ragged, GQA
+    (1, 2, 2, 40, 23, 16, True, False),  # empty rows
+    (1, 4, 2, 7, 40, 16, True, False),  # chunked prefill
+    (1, 2, 2, 18, 50, 16, True, False),  # diagonal off a tile edge
+    (2, 4, 2, 40, 40, 16, False, False),
+    (2, 4, 1, 40, 40, 16, True, True),  # documents
+])
+def test_non_square_tiles(B, H, Hkv, Tq, Tk, D, causal, docs, tiles, monkeypatch):
+    """Every GPU configuration has BLOCK_M != BLOCK_N; a mix-up of the two in loop bounds or
+    mask splits is invisible with square tiles, so the interpreter runs both orientations."""
+    import kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "INTERPRETER_TILES", tiles)
+    q, k, v = _inputs(B, H, Hkv, Tq, Tk, D, torch.float32, seed=Tq * Tk + D)
+    _run_and_compare(q, k, v, causal, document_ids=_doc_ids(DOC_ROWS) if docs else None)
+
+
 def test_cu_seqlens_equal_document_ids():
     cu = torch.tensor([0, 1, 8, 28, 31, 40])
     ids = cu_seqlens_to_document_ids(cu)
@@ -211,6 +258,8 @@ def test_cu_seqlens_equal_document_ids():
 
 
 def test_backward_is_deterministic():
+    """No atomics: the same inputs give bit-identical gradients. (Only a GPU, where programs
+    run concurrently, could break this; the interpreter runs them one after another.)"""
     q, k, v = _inputs(1, 4, 1, 45, 45, 32, torch.float32, seed=11)
     grads = []
     for _ in range(2):
@@ -293,6 +342,28 @@ def test_mixed_dtypes_are_rejected():
         flash_attention(q, q.half(), q)
 
 
+def test_backward_launcher_checks_what_it_is_given():
+    from kernels.flash_attention import attention_backward, attention_forward
+
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    o, lse = attention_forward(q, q, q)
+    with pytest.raises(ValueError, match=r"lse must have shape \(1, 2, 8\)"):
+        attention_backward(o, q, q, q, o, lse[:, :, :4])
+    with pytest.raises(ValueError, match="lse must be float32"):
+        attention_backward(o, q, q, q, o, lse.double())
+    with pytest.raises(ValueError, match=r"do must have shape \(1, 2, 8, 16\)"):
+        attention_backward(o[:, :1], q, q, q, o, lse)
+
+
+def test_double_backward_is_refused():
+    q, k, v = _inputs(1, 2, 2, 8, 8, 16, torch.float32, seed=23)
+    (gq,) = torch.autograd.grad(flash_attention(q, k, v).sum(), q, create_graph=True)
+    # the first-order gradient carries no graph, so a second backward fails loudly instead of
+    # silently dropping second-order terms
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gq.sum().backward()
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="interpreter only")
 def test_bf16_under_the_interpreter_is_refused_with_the_reason():
     q = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
@@ -301,6 +372,7 @@ def test_bf16_under_the_interpreter_is_refused_with_the_reason():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels: run with TRITON_INTERPRET=0 on a CUDA machine")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,causal,docs", [
     (2, 8, 2, 1000, 1000, 128, True, False),  # autotuned tiles, ragged end
