@@ -157,10 +157,22 @@ def _tile(base, start, stride, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _tile_ids(doc_base, offs, T, HAS_DOCS: tl.constexpr):
+    """Document ids of positions ``offs`` (clamped to T-1, so padded rows repeat the last id)
+    and their [min, max]. Without documents: placeholders that no mask reads."""
+    if HAS_DOCS:
+        ids = tl.load(doc_base + tl.minimum(offs, T - 1))
+    else:
+        ids = offs
+    return ids, tl.min(ids, 0), tl.max(ids, 0)
+
+
+@triton.jit
 def _tile_ids_overlap(doc_base, offs, T, lo, hi):
-    """Ids of positions ``offs`` (clamped to T-1) and whether their range meets [lo, hi]."""
-    ids = tl.load(doc_base + tl.minimum(offs, T - 1))
-    return ids, (tl.min(ids, 0) <= hi) & (tl.max(ids, 0) >= lo)
+    """Ids of positions ``offs`` and whether their range meets [lo, hi] (else the tile pairing
+    is skipped: no id can match)."""
+    ids, ids_lo, ids_hi = _tile_ids(doc_base, offs, T, True)
+    return ids, (ids_lo <= hi) & (ids_hi >= lo)
 
 
 @triton.jit
@@ -269,14 +281,7 @@ def _attn_fwd(
     k_base = K + off_b * stride_kb + off_g * stride_kh
     v_base = V + off_b * stride_vb + off_g * stride_vh
     doc_base = DOC + off_b * stride_docb
-    if HAS_DOCS:
-        q_ids = tl.load(doc_base + tl.minimum(offs_m, T_Q - 1) + offset)
-        q_lo = tl.min(q_ids, 0)
-        q_hi = tl.max(q_ids, 0)
-    else:
-        q_ids = offs_m
-        q_lo = 0
-        q_hi = 0
+    q_ids, q_lo, q_hi = _tile_ids(doc_base + offset, offs_m, T_Q, HAS_DOCS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -412,14 +417,7 @@ def _attn_bwd_dkdv(
     v = _load_rows(_tile(V + off_b * stride_vb + off_g * stride_vh, n0, stride_vt, BLOCK_N, BLOCK_D),
                    n_ok, d_ok, True, HEAD_DIM != BLOCK_D)
     doc_base = DOC + off_b * stride_docb
-    if HAS_DOCS:
-        k_ids = tl.load(doc_base + tl.minimum(offs_n, T_K - 1))
-        k_lo = tl.min(k_ids, 0)
-        k_hi = tl.max(k_ids, 0)
-    else:
-        k_ids = offs_n
-        k_lo = 0
-        k_hi = 0
+    k_ids, k_lo, k_hi = _tile_ids(doc_base, offs_n, T_K, HAS_DOCS)
 
     # Query tiles [lo, mid) need a mask, [mid, T_Q) see the whole key tile; below lo is above
     # the diagonal and never visited.
@@ -543,14 +541,7 @@ def _attn_bwd_dq(
     k_base = K + off_b * stride_kb + off_g * stride_kh
     v_base = V + off_b * stride_vb + off_g * stride_vh
     doc_base = DOC + off_b * stride_docb
-    if HAS_DOCS:
-        q_ids = tl.load(doc_base + tl.minimum(offs_m, T_Q - 1) + offset)
-        q_lo = tl.min(q_ids, 0)
-        q_hi = tl.max(q_ids, 0)
-    else:
-        q_ids = offs_m
-        q_lo = 0
-        q_hi = 0
+    q_ids, q_lo, q_hi = _tile_ids(doc_base + offset, offs_m, T_Q, HAS_DOCS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mid, hi = _key_ranges(m0, T_K, offset, BLOCK_M, BLOCK_N, CAUSAL, HAS_DOCS)
     dq = _dq_loop(dq, q, do, lse2, delta, q_ids, q_lo, q_hi, k_base, v_base, doc_base, stride_kt, stride_vt,
