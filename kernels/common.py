@@ -1,5 +1,6 @@
-"""Helpers shared by the Triton kernel files: interpreter detection, output allocation (with a
-poisoning switch for tests), and block-size arithmetic.
+"""Helpers shared by the Triton kernel files: interpreter detection and output allocation (with
+a poisoning switch for tests). Block arithmetic comes from Triton itself (``triton.cdiv``,
+``triton.next_power_of_2``).
 
 Nothing here imports Triton, so ``kernels`` stays importable on machines without it.
 
@@ -19,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["is_interpreting", "empty", "empty_like", "poisoned_outputs", "next_power_of_2", "cdiv"]
+__all__ = ["is_interpreting", "empty", "empty_like", "poisoned_outputs"]
 
 _POISON: list[bool] = [False]
 
@@ -55,13 +56,3 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.empty_like`` (keeps ``t``'s strides when dense) for kernel outputs."""
     return _poison(torch.empty_like(t, dtype=dtype))
-
-
-def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division of non-negative ints."""
-    return -(-a // b)

@@ -98,9 +98,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import cdiv, empty, empty_like, is_interpreting, next_power_of_2
+from .common import empty, empty_like, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
+from triton import cdiv, next_power_of_2  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 __all__ = [
@@ -767,24 +768,17 @@ def attention_backward(do, q, k, v, o, lse, *, causal: bool = True, document_ids
     common = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), HAS_DOCS=document_ids is not None,
                   PRECISION=_precision(q.dtype))
     shape_args = (H, H // Hkv, Tq, Tk, next_power_of_2(Tq), next_power_of_2(Tk), scale * LOG2E, scale)
+    input_strides = [t.stride(i) for t in (q, k, v, do) for i in range(3)]  # (b, h, t) of each
     _launch(
         "dkdv", lambda meta: (cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,), block_d, q.device,
-        q, k, v, do, lse, delta, doc, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
+        q, k, v, do, lse, delta, doc, dk, dv, *input_strides,
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         stride_docb, *shape_args, **common,
     )
     _launch(
         "dq", lambda meta: (cdiv(Tq, meta["BLOCK_M"]) * B * H,), block_d, q.device,
-        q, k, v, do, lse, delta, doc, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
+        q, k, v, do, lse, delta, doc, dq, *input_strides,
         dq.stride(0), dq.stride(1), dq.stride(2),
         stride_docb, *shape_args, **common,
     )
