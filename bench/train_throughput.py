@@ -18,8 +18,8 @@ backend        ``ModelArgs.attn_backend``: eager, sdpa, triton, ... A name missi
                ``llama_mini.attention_backends()`` gives a *skipped* row with the reason; a
                registered one that cannot run here falls back to sdpa inside the model, and the
                row's ``attn_used`` says so (the table marks it ``*``).
-fused          off: ``norm_impl = rope_impl = mlp_impl = loss_impl = "torch"``; on: all four
-               ``"triton"``. If any op has no runnable "triton" implementation the row is
+fused          off: every ``ModelArgs`` op switch (``llama_mini.ops.IMPL_FIELDS``: norm, rope,
+               mlp, loss, linear loss) ``"torch"``; on: all ``"triton"``. If any op has no runnable "triton" implementation the row is
                *skipped* with the reason (never silently run as something else). ``op_resolutions``
                records what ran (``llama_mini.resolutions()``).
 checkpointing  ``ModelArgs.activation_checkpointing``.
@@ -110,7 +110,7 @@ PLAIN = "plain-pytorch"
 RATIO_THRESHOLD = 0.97  # ours/plain tokens/s at or above this is "not slower" (3% timing noise)
 MFU_TARGET = 0.45
 MFU_TARGET_SHAPE = dict(seq_len=2048, dtype="bfloat16", min_params=0.5e9, max_params=2e9)
-IMPL_FIELDS = {"norm_impl": "rms_norm", "rope_impl": "rope", "mlp_impl": "swiglu", "loss_impl": "cross_entropy"}
+IMPL_FIELDS = llama_ops.IMPL_FIELDS
 FUSED_IMPL = {"off": "torch", "on": "triton"}
 LR = 1e-4
 MAX_TIMED = 200
@@ -394,7 +394,7 @@ def skip_reason(backend: str, fused: str, device: torch.device) -> str | None:
     if backend != PLAIN and backend not in attention_backends():
         return f"attention backend {backend!r} is not registered (llama_mini.attention_backends() = {attention_backends()})"
     if fused == "on":
-        for field, op in IMPL_FIELDS.items():
+        for field, op in ((f, op) for f, names in IMPL_FIELDS.items() for op in names):
             if "triton" not in llama_ops.registered(op):
                 return f"fused on: no 'triton' implementation of {op} ({field}) is registered " \
                        f"(registered: {llama_ops.registered(op)})"
@@ -408,7 +408,7 @@ def skip_reason(backend: str, fused: str, device: torch.device) -> str | None:
 def used_ops(fused: str, device: torch.device) -> str:
     res = resolutions()
     got = [f"{op}={res.get(f'{op}@{device.type} ({FUSED_IMPL[fused]})', {}).get('impl', '?')}"
-           for op in IMPL_FIELDS.values()]
+           for names in IMPL_FIELDS.values() for op in names]
     return " ".join(got)
 
 

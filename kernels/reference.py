@@ -10,6 +10,7 @@ D = head dim, C = model dim, V = vocabulary.
 Math
 ----
 rms_norm:       y = x / sqrt(mean(x^2, -1) + eps) * w            (computed in fp32, cast back)
+add_rms_norm:   h = x + r;  y = rms_norm(h)                       (the block's residual add + norm)
 rotary (RoPE):  for each adjacent pair (x[2i], x[2i+1]) at position p with angle a = p * f_i
                 y[2i]   = x[2i] cos a - x[2i+1] sin a
                 y[2i+1] = x[2i] sin a + x[2i+1] cos a
@@ -21,6 +22,7 @@ attention:      softmax(q k^T * scale + mask) v, GQA by repeating k/v over query
                 optional document masking (a query attends only to keys of its own document).
 cross_entropy:  mean over counted targets of logsumexp(z) - z[target]; targets equal to
                 ignore_index are not counted.
+linear_cross_entropy: cross_entropy(x W^T, targets), the output projection and the loss.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ import torch.nn.functional as F
 
 __all__ = [
     "rms_norm",
+    "add_rms_norm",
     "apply_rotary",
+    "apply_rotary_qk",
     "swiglu",
     "repeat_kv",
     "attention_mask",
     "attention",
     "cross_entropy",
+    "linear_cross_entropy",
 ]
 
 
@@ -45,6 +50,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return normed.type_as(x) * weight
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's residual add fused with the next norm: h = x + residual, y = rms_norm(h).
+    x, residual: (..., C) of one shape; weight: (C,). Returns (y, h)."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -65,6 +79,30 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     rot = torch.complex(cos.to(compute_dtype), sin.to(compute_dtype))
     rot = rot[None, :, None, :] if rot.dim() == 2 else rot[:, :, None, :]  # (1 or B, T, 1, D/2)
     return torch.view_as_real(xc * rot).reshape(B, T, H, D).to(x.dtype)
+
+
+def apply_rotary_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate queries (B, T, H, D) and keys (B, T, Hkv, D) together, as the model does.
+
+    cos, sin: (L, D/2) tables of angles p * f_i for positions p = 0..L-1 (RoPE scaling is
+    already in the frequencies f_i). position_ids: (B, T) integers in [0, L), the position of
+    each token (restarting per document in packed batches); None means positions 0..T-1, i.e.
+    the first T rows of the tables (callers decoding from start_pos pass the sliced tables).
+    """
+    if position_ids is None:
+        T = q.shape[1]
+        if cos.shape[0] < T:
+            raise ValueError(f"cos/sin tables have {cos.shape[0]} rows, fewer than the sequence length {T}")
+        cos, sin = cos[:T], sin[:T]  # (T, D/2)
+    else:
+        cos, sin = cos[position_ids], sin[position_ids]  # (B, T, D/2)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def apply_rotary_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -158,16 +196,27 @@ def attention(
 
 
 def cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Mean token cross-entropy over targets != ignore_index, computed in fp32 (or wider).
+    """Token cross-entropy over targets != ignore_index, computed in fp32 (or wider).
 
-    logits: (..., V); targets: (...) integer. Returns a scalar; NaN-free 0 when nothing counts.
+    logits: (..., V); targets: (...) integer. reduction "mean" (over counted targets; a NaN-free
+    0 when nothing counts) or "sum". Returns a scalar.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     V = logits.shape[-1]
     flat_logits = logits.reshape(-1, V)
     flat_logits = flat_logits.to(torch.promote_types(flat_logits.dtype, torch.float32))
     flat_targets = targets.reshape(-1)
     counted = (flat_targets != ignore_index).sum()
     total = F.cross_entropy(flat_logits, flat_targets, ignore_index=ignore_index, reduction="sum")
-    return total / counted.clamp(min=1)
+    return total if reduction == "sum" else total / counted.clamp(min=1)
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> torch.Tensor:
+    """cross_entropy(x @ weight^T, targets): the output projection and the loss, materialising
+    the (N, V) logits. x: (..., C); weight: (V, C); targets: (...) integer."""
+    return cross_entropy(x @ weight.t(), targets, ignore_index, reduction)

@@ -22,6 +22,8 @@ from .generation import GenerationResult, generate
 from .hf import args_from_hf_config, hf_config_dict, hf_to_meta_state_dict, meta_to_hf_state_dict
 from .kv_cache import KVCache
 from .model import Attention, FeedForward, RMSNorm, Transformer, TransformerBlock, count_params
+from . import fused  # registers the Triton implementations of the ops  # noqa: F401
+from .ops import fallbacks as op_fallbacks
 from .ops import register_op, resolutions
 from .parallel import gather_state_dict, merge_state_dicts, shard_state_dict
 from .rope import apply_rotary_emb, precompute_freqs_cis
@@ -33,7 +35,7 @@ __all__ = [
     "ModelArgs", "RopeScaling", "PRESETS",
     "Transformer", "TransformerBlock", "Attention", "FeedForward", "RMSNorm", "count_params",
     "register_attention_backend", "attention_backends", "get_attention_backend", "attention_fallbacks",
-    "register_op", "resolutions",
+    "register_op", "resolutions", "op_fallbacks",
     "KVCache", "generate", "GenerationResult",
     "save_meta_checkpoint", "load_meta_checkpoint", "load_meta_state_dict", "check_state_dict",
     "CheckpointMismatchError",

@@ -152,18 +152,9 @@ register_attention_backend("sdpa", sdpa_attention)
 
 def triton_attention_available(device: torch.device) -> tuple[bool, str]:
     """Whether the Triton kernel runs on ``device``: CUDA with Triton, or CPU under the interpreter."""
-    import kernels
-    from kernels.common import is_interpreting
+    from .ops import triton_runs_on
 
-    if not kernels.triton_available():
-        return False, kernels.triton_unavailable_reason()
-    if is_interpreting():
-        if device.type == "cpu":
-            return True, "triton interpreter on CPU tensors"
-        return False, f"TRITON_INTERPRET=1 runs kernels on CPU tensors only, not {device.type}"
-    if device.type == "cuda":
-        return True, "triton on CUDA"
-    return False, f"Triton kernels need CUDA tensors, got {device.type}"
+    return triton_runs_on(device)
 
 
 @torch.compiler.disable  # a graph break: dynamo does not trace into the autotuned kernels

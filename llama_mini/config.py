@@ -71,10 +71,11 @@ class ModelArgs:
     # --- llama-mini's additions ------------------------------------------------------------
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # context extension
     attn_backend: str = "sdpa"  # attention backend by registry name: eager | sdpa | triton
-    norm_impl: str = "auto"  # RMSNorm implementation: auto | torch | any registered kernel
-    rope_impl: str = "auto"  # rotary embedding implementation
-    mlp_impl: str = "auto"  # SwiGLU activation implementation
-    loss_impl: str = "auto"  # cross-entropy implementation
+    norm_impl: str = "auto"  # RMSNorm and residual-add+RMSNorm: auto (triton on CUDA, else torch) | torch | triton
+    rope_impl: str = "auto"  # rotary embedding of q and k: auto | torch | triton
+    mlp_impl: str = "auto"  # SwiGLU activation silu(a)*b: auto | torch | triton
+    loss_impl: str = "auto"  # cross-entropy over materialised logits: auto | torch | triton
+    linear_loss_impl: str = "auto"  # output projection + loss in token chunks, logits never whole: auto | torch | triton
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     init_std: float = 0.02  # std of normal weight init; residual outputs scaled by 1/sqrt(2L)
     ignore_index: int = -100  # target id that does not count towards the loss

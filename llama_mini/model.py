@@ -50,6 +50,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.resolve_op("rms_norm", self.impl, x.device)(x, self.weight, self.eps)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add fused with this norm: h = x + residual; returns (norm(h), h)."""
+        return ops.resolve_op("add_rms_norm", self.impl, x.device)(x, residual, self.weight, self.eps)
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads and rotary position embeddings."""
@@ -75,13 +79,16 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer_id: int = 0,
         start_pos: int = 0,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x: (B, T, C). cos, sin: (L, D/2) rotary tables; token (b, t) uses row
+        position_ids[b, t], or row t when position_ids is None (the caller slices the tables
+        to start at start_pos). Returns (B, T, C)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_local_heads, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)
-        rope = ops.resolve_op("rope", self.args.rope_impl, x.device)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q, k = ops.resolve_op("rope", self.args.rope_impl, x.device)(q, k, cos, sin, position_ids)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(layer_id, start_pos, k, v)  # (B, Hkv, start_pos + T, D)
@@ -127,9 +134,11 @@ class TransformerBlock(nn.Module):
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         start_pos: int = 0,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, document_ids, cache, self.layer_id, start_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attn = self.attention(self.attention_norm(x), cos, sin, document_ids, cache, self.layer_id, start_pos, position_ids)
+        normed, h = self.ffn_norm.add_forward(x, attn)  # h = x + attn in the same pass as ffn_norm(h)
+        return h + self.feed_forward(normed)
 
 
 def count_params(args: ModelArgs, include_embeddings: bool = True) -> int:
@@ -165,8 +174,9 @@ class Transformer(nn.Module):
         mp_size = parallel.model_parallel_size() if model_parallel is not False else 1
         use_parallel = mp_size > 1
         _check_parallel_args(args, mp_size)
-        for op, field_name in (("rms_norm", "norm_impl"), ("rope", "rope_impl"), ("swiglu", "mlp_impl"), ("cross_entropy", "loss_impl")):
-            ops.check_choice(op, getattr(args, field_name), field_name)
+        for field_name, op_names in ops.IMPL_FIELDS.items():
+            for op in op_names:
+                ops.check_choice(op, getattr(args, field_name), field_name)
         get_attention_backend(args.attn_backend)  # raises on an unknown name
 
         self.args = args
@@ -275,18 +285,37 @@ class Transformer(nn.Module):
                 )
 
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        cos, sin = self.rope(tokens.device, 0, T, position_ids, dtype=h.dtype)
+        # (L, D/2) tables: rows 0..T-1 by default, rows position_ids[b, t] when given.
+        cos, sin = self.rope.table(tokens.device, h.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, document_ids, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, document_ids, None, 0, position_ids, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, document_ids)
+                h = layer(h, cos, sin, document_ids, position_ids=position_ids)
         h = self.norm(h)
+        if targets is not None and self._fused_loss(h):
+            fused = ops.resolve_op("linear_cross_entropy", self.args.linear_loss_impl, h.device)
+            return fused(h, self.output.weight, targets, self.args.ignore_index)  # no (B, T, V) logits
         logits = _to_at_least_fp32(self.output(h))  # (B, T, V)
         if targets is None:
             return logits
         loss_fn = ops.resolve_op("cross_entropy", self.args.loss_impl, logits.device)
         return loss_fn(logits, targets, self.args.ignore_index)
+
+    def _fused_loss(self, h: torch.Tensor) -> bool:
+        """Whether the loss comes from the fused output projection + cross-entropy: when
+        ``linear_loss_impl`` resolves to a kernel and the output weight is whole on this rank."""
+        name, _ = ops.resolve_impl("linear_cross_entropy", self.args.linear_loss_impl, h.device)
+        if name == "torch":
+            return False
+        if self.mp_size > 1:
+            ops.record_fallback(
+                "linear_cross_entropy", f"model-parallel/{self.mp_size}",
+                f"the output weight is split over {self.mp_size} model-parallel ranks (the fused loss needs "
+                "the whole vocabulary); computing gathered logits and loss_impl instead",
+            )
+            return False
+        return True
 
     # ------------------------------------------------------------------ generation path
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -308,7 +337,8 @@ class Transformer(nn.Module):
                 f"positions {start_pos}..{start_pos + T - 1} do not fit the KV cache of length {cache.max_seq_len}"
             )
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope(tokens.device, start_pos, T, dtype=h.dtype)
+        cos, sin = self.rope.table(tokens.device, h.dtype)
+        cos, sin = cos[start_pos : start_pos + T], sin[start_pos : start_pos + T]  # (T, D/2)
         for layer in self.layers:
             h = layer(h, cos, sin, None, cache, start_pos)
         return _to_at_least_fp32(self.output(self.norm(h)))

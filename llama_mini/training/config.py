@@ -499,10 +499,11 @@ def _validate(cfg: TrainConfig) -> None:
 
     if cfg.model.attn_backend not in attention_backends():
         raise bad("model.attn_backend", f"{cfg.model.attn_backend!r} is not one of {', '.join(attention_backends())}")
-    for op, name in (("rms_norm", "norm_impl"), ("rope", "rope_impl"), ("swiglu", "mlp_impl"), ("cross_entropy", "loss_impl")):
+    for name, op_names in ops.IMPL_FIELDS.items():
         value = getattr(cfg.model, name)
-        if value != "auto" and value not in ops.registered(op):
-            raise bad(f"model.{name}", f"{value!r} is not one of {', '.join(['auto'] + ops.registered(op))}")
+        for op in op_names:
+            if value != "auto" and value not in ops.registered(op):
+                raise bad(f"model.{name}", f"{value!r} is not one of {', '.join(['auto'] + ops.registered(op))}")
     max_len = cfg.data.max_len or cfg.model.max_seq_len
     if max_len > cfg.model.max_seq_len:
         raise bad("data.max_len", f"{max_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")

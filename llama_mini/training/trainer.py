@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from ..checkpoint import atomic_write_text
 from ..generation import generate
 from ..hardware import peak_flops, peak_memory
@@ -280,8 +281,8 @@ class Trainer:
     # ops are computed, evaluation. Everything else in model and data, and the accumulation,
     # decides what the next step computes, so exact resume needs it unchanged.
     _RESUME_FREE = {
-        "model": {"preset", "attn_backend", "norm_impl", "rope_impl", "mlp_impl", "loss_impl",
-                  "activation_checkpointing", "validate_inputs", "max_batch_size"},
+        "model": {"preset", "attn_backend", *ops.IMPL_FIELDS, "activation_checkpointing", "validate_inputs",
+                  "max_batch_size"},
         "data": {"val", "val_policy"},
     }
 
