@@ -72,6 +72,8 @@ import triton.language as tl  # noqa: E402
 __all__ = [
     "cross_entropy",
     "cross_entropy_rows",
+    "check_targets",
+    "scale_",
     "CrossEntropyFunction",
     "block_config",
     "aot_specs",
@@ -176,7 +178,7 @@ def _check_device(t: torch.Tensor, name: str) -> None:
                          "set TRITON_INTERPRET=1 to run them on the CPU")
 
 
-def _check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> int:
+def check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> int:
     """Validate every target (in [0, V) or == ignore_index) and count the counted ones, with a
     single device-to-host transfer. Returns the count."""
     if targets.numel() == 0:
@@ -243,7 +245,7 @@ def _launch(logits, targets, ignore_index, grad_scale, grad):
     return loss_rows, lse
 
 
-def _scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+def scale_(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """grad *= grad_output (a 0-dim tensor) in place, without a host transfer; grad contiguous."""
     s = grad_output.detach().to(device=grad.device, dtype=torch.float32).reshape(1)
     n = grad.numel()
@@ -259,12 +261,14 @@ def cross_entropy_rows(
     ignore_index: int,
     grad_scale: float,
     grad: torch.Tensor | None = None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy, optionally writing the scaled gradient in the same launch.
 
     logits: (N, V) fp32/fp16/bf16 with unit last stride (any row stride). targets: (N,) int32 or
     int64, each in [0, V) or equal to ``ignore_index`` (checked with one host transfer;
-    ValueError naming ``targets`` otherwise). grad_scale: Python float multiplying the written
+    ValueError naming ``targets`` otherwise; ``check=False`` skips that for callers that already
+    ran :func:`check_targets` on all their targets). grad_scale: Python float multiplying the written
     gradient (e.g. 1 / n_counted for a mean). grad: None (no gradient) or an (N, V) tensor with
     unit last stride that receives (softmax(z) - onehot(target)) * grad_scale, zeros on ignored
     rows; it may be ``logits`` itself (overwritten in place).
@@ -272,7 +276,8 @@ def cross_entropy_rows(
     Returns (loss_rows, lse), (N,) fp32 each: lse - z[target] (0 on ignored rows) and lse.
     """
     _validate_rows(logits, targets, grad)
-    _check_targets(targets, logits.shape[1], ignore_index)
+    if check:
+        check_targets(targets, logits.shape[1], ignore_index)
     return _launch(logits, targets, ignore_index, grad_scale, grad)
 
 
@@ -304,7 +309,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         flat = logits.reshape(-1, V)
         flat_targets = targets.reshape(-1)
         _validate_rows(flat, flat_targets, None)
-        n_counted = _check_targets(flat_targets, V, ignore_index)
+        n_counted = check_targets(flat_targets, V, ignore_index)
         scale = 1.0 if reduction == "sum" else 1.0 / max(n_counted, 1)
         # Not in place: the caller may still use its logits. Contiguous, so the backward can
         # scale it as one flat run and view it back as logits' shape.
@@ -328,7 +333,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.used = True
         grad, ctx.dlogits = ctx.dlogits, None
         # In place, so no second (N, V) buffer; grad_output is read in fp32 by the kernel.
-        return _scale_(grad, grad_output).view(ctx.shape), None, None, None, None
+        return scale_(grad, grad_output).view(ctx.shape), None, None, None, None
 
 
 def cross_entropy(

@@ -30,8 +30,8 @@ Tokens are split into chunks of ``chunk_size`` rows. For each chunk c:
 The mean's scale s = 1 / max(n, 1) is applied in the fp32 epilogue of the two gradient products
 (the ``alpha`` of :func:`matmul`), not folded into G: G is rounded to the compute dtype when its
 tiles are loaded, and in fp16 s * (softmax - onehot) would fall into the subnormal range (or flush
-to zero) for n of a few thousand tokens. n comes from one host read before the loop (and
-``cross_entropy_rows`` validates each chunk's targets with one more).
+to zero) for n of a few thousand tokens. Every target is validated and n counted with one host
+read before the loop (``check_targets``); the chunks skip the check.
 
 At the end dW = dW32 cast to W's dtype (when W is fp32 the buffer is the gradient, no copy).
 Gradients are computed in the forward whenever grad mode is on and x or W requires grad (the
@@ -86,7 +86,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import empty, empty_like, is_interpreting
-from .cross_entropy import _scale_, cross_entropy_rows
+from .cross_entropy import check_targets, cross_entropy_rows, scale_
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -424,7 +424,7 @@ def linear_cross_entropy_forward(x, weight, targets, ignore_index: int = -100, r
     x2 = x.reshape(N, C)  # a view unless x's leading dims cannot be flattened without a copy
     t = targets.reshape(-1).contiguous()  # N integers: a copy at most, and cross_entropy_rows slices it
     chunk = min(chunk_size, max(N, 1)) if chunk_size is not None else default_chunk_size(N, C, V)
-    n_counted = int((t != ignore_index).sum()) if N else 0  # the one host read
+    n_counted = check_targets(t, V, ignore_index)  # every target checked and counted: the one host read
     scale = 1.0 / max(n_counted, 1) if reduction == "mean" else 1.0
 
     dx = empty(N, C, dtype=x.dtype, device=x.device) if need_dx else None
@@ -440,7 +440,7 @@ def linear_cross_entropy_forward(x, weight, targets, ignore_index: int = -100, r
             zc, xc = z[: c1 - c0], x2[c0:c1]  # (rows, V) fp32, (rows, C)
             _launch_matmul(xc, wt, zc, alpha=1.0, accumulate=False, compute=compute)
             loss_rows, _ = cross_entropy_rows(zc, t[c0:c1], ignore_index, 1.0,
-                                              grad=zc if (need_dx or need_dw) else None)
+                                              grad=zc if (need_dx or need_dw) else None, check=False)
             total += loss_rows.sum()
             if need_dx:
                 _launch_matmul(zc, weight, dx[c0:c1], alpha=scale, accumulate=False, compute=compute)
@@ -477,7 +477,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.grads = None
         # In place (no second copy of dW), grad_output read in fp32 by the kernel: tensor.mul_
         # would round it to a 16-bit gradient's dtype first, a systematic bias for e.g. 1/3.
-        return (None if dx is None else _scale_(dx, grad_loss), None if dw is None else _scale_(dw, grad_loss),
+        return (None if dx is None else scale_(dx, grad_loss), None if dw is None else scale_(dw, grad_loss),
                 None, None, None, None, None, None)
 
 
