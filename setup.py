@@ -30,7 +30,7 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis", "transformers>=5"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers>=5"],
         "plot": ["matplotlib"],
     },
     classifiers=[

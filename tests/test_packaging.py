@@ -65,11 +65,12 @@ def test_installed_distribution_declares_the_requirements():
     assert names == {"torch", "numpy", "sentencepiece", "fairscale", "zstandard", "tqdm", "triton"}
     assert any(r.startswith("triton;") and 'platform_system=="Linux"' in r for r in core)
     extras = {r.split(";")[0].split(">")[0]: r.split("extra==")[1].strip("'\"") for r in reqs if "extra==" in r}
-    assert extras == {"pytest": "dev", "hypothesis": "dev", "transformers": "dev", "matplotlib": "plot"}
+    assert extras == {"pytest": "dev", "pytest-xdist": "dev", "hypothesis": "dev", "transformers": "dev",
+                      "matplotlib": "plot"}
 
 
 def test_readme_test_command_is_what_ci_runs():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
-    command = "TRITON_INTERPRET=1 python -m pytest tests -q"
+    command = "TRITON_INTERPRET=1 python -m pytest tests -q -n auto"
     assert command in readme and command in ci
