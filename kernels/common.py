@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["is_interpreting", "empty", "empty_like", "poisoned_outputs"]
+__all__ = ["is_interpreting", "check_device", "empty", "empty_like", "poisoned_outputs"]
 
 _POISON: list[bool] = [False]
 
@@ -28,6 +28,17 @@ _POISON: list[bool] = [False]
 def is_interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(fn: str, name: str, device: torch.device) -> None:
+    """Raise a ValueError naming ``fn`` and argument ``name`` unless a Triton kernel can run on
+    ``device``: CUDA when compiled, the CPU under the interpreter."""
+    if is_interpreting():
+        if device.type != "cpu":
+            raise ValueError(f"{fn}: the Triton interpreter runs on CPU tensors, {name} is on {device}")
+    elif device.type != "cuda":
+        raise ValueError(f"{fn}: Triton kernels need CUDA tensors, {name} is on {device}; "
+                         "set TRITON_INTERPRET=1 to run them on the CPU")
 
 
 @contextlib.contextmanager

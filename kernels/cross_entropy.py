@@ -63,7 +63,7 @@ import inspect
 
 import torch
 
-from .common import empty, is_interpreting
+from .common import check_device, empty, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -170,12 +170,7 @@ def block_config(V: int) -> tuple[int, int]:
 
 
 def _check_device(t: torch.Tensor, name: str) -> None:
-    if is_interpreting():
-        if t.device.type != "cpu":
-            raise ValueError(f"cross_entropy: the Triton interpreter runs on CPU tensors, {name} is on {t.device}")
-    elif t.device.type != "cuda":
-        raise ValueError(f"cross_entropy: Triton kernels need CUDA tensors ({name} is on {t.device}); "
-                         "set TRITON_INTERPRET=1 to run them on the CPU")
+    check_device("cross_entropy", name, t.device)
 
 
 def check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> int:

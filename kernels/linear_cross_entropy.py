@@ -85,7 +85,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import empty, empty_like, is_interpreting
+from .common import check_device, empty, empty_like, is_interpreting
 from .cross_entropy import check_targets, cross_entropy_rows, scale_
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
@@ -115,6 +115,16 @@ _NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # --------------------------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _to_compute(tile, COMPUTE: tl.constexpr):
+    """A loaded tile in the products' dtype ("bf16", "fp16"; "fp32" leaves it as loaded)."""
+    if COMPUTE == "bf16":
+        tile = tile.to(tl.bfloat16)
+    elif COMPUTE == "fp16":
+        tile = tile.to(tl.float16)
+    return tile
 
 
 @triton.jit
@@ -160,28 +170,16 @@ def _matmul(
     # The ragged end of K (if any) is one masked step after the loop.
     k_full = K // BLOCK_K
     for _ in range(0, k_full):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
-        # Tensor cores need equal operand types: cast each tile to the compute dtype.
-        if COMPUTE == "bf16":
-            a = a.to(tl.bfloat16)
-            b = b.to(tl.bfloat16)
-        elif COMPUTE == "fp16":
-            a = a.to(tl.float16)
-            b = b.to(tl.float16)
+        # Tensor cores need equal operand types: each tile is cast to the compute dtype.
+        a = _to_compute(tl.load(a_ptrs), COMPUTE)
+        b = _to_compute(tl.load(b_ptrs), COMPUTE)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if k_full * BLOCK_K < K:
         k_ok = rk < K - k_full * BLOCK_K
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if COMPUTE == "bf16":
-            a = a.to(tl.bfloat16)
-            b = b.to(tl.bfloat16)
-        elif COMPUTE == "fp16":
-            a = a.to(tl.float16)
-            b = b.to(tl.float16)
+        a = _to_compute(tl.load(a_ptrs, mask=k_ok[None, :], other=0.0), COMPUTE)
+        b = _to_compute(tl.load(b_ptrs, mask=k_ok[:, None], other=0.0), COMPUTE)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     acc = acc * alpha
     cm = tl.arange(0, BLOCK_M)
@@ -282,16 +280,11 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _check_device(fn: str, name: str, t: torch.Tensor) -> None:
-    if is_interpreting():
-        if t.device.type != "cpu":
-            raise ValueError(f"{fn}: the Triton interpreter runs on CPU tensors, {name} is on {t.device}")
-        if t.dtype == torch.bfloat16:
-            raise ValueError(f"{fn}: {name} is bfloat16, which does not work under the Triton interpreter "
-                             "(tl.dot on bf16 returns garbage there, triton issue 11584); use fp16 or fp32, "
-                             "or a GPU")
-    elif t.device.type != "cuda":
-        raise ValueError(f"{fn}: Triton kernels need CUDA tensors, {name} is on {t.device}; "
-                         "set TRITON_INTERPRET=1 to run them on the CPU")
+    check_device(fn, name, t.device)
+    if is_interpreting() and t.dtype == torch.bfloat16:
+        raise ValueError(f"{fn}: {name} is bfloat16, which does not work under the Triton interpreter "
+                         "(tl.dot on bf16 returns garbage there, triton issue 11584); use fp16 or fp32, "
+                         "or a GPU")
 
 
 def _launch_matmul(a, b, out, *, alpha: float, accumulate: bool, compute: torch.dtype) -> None:

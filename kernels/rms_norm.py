@@ -64,7 +64,7 @@ import math
 
 import torch
 
-from .common import empty, is_interpreting
+from .common import check_device, empty, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -324,15 +324,10 @@ def _validate(fn: str, x, weight, eps, residual=None) -> float:
     eps = float(eps)
     if not (math.isfinite(eps) and eps >= 0.0):
         raise ValueError(f"{fn}: eps must be finite and >= 0, got {eps}")
-    if is_interpreting():
-        if x.device.type != "cpu":
-            raise ValueError(f"{fn}: the Triton interpreter runs on CPU tensors, x is on {x.device}")
-        if torch.bfloat16 in (x.dtype, weight.dtype):
-            raise TypeError(f"{fn}: bfloat16 does not work under the Triton interpreter (it rounds bf16 "
-                            "stores wrongly); use float16 or float32, or a GPU")
-    elif x.device.type != "cuda":
-        raise ValueError(f"{fn}: Triton kernels need CUDA tensors (x is on {x.device}); "
-                         "set TRITON_INTERPRET=1 to run them on the CPU")
+    check_device(fn, "x", x.device)
+    if is_interpreting() and torch.bfloat16 in (x.dtype, weight.dtype):
+        raise TypeError(f"{fn}: bfloat16 does not work under the Triton interpreter (it rounds bf16 "
+                        "stores wrongly); use float16 or float32, or a GPU")
     return eps
 
 

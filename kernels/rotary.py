@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import empty, is_interpreting
+from .common import check_device, empty, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import next_power_of_2  # noqa: E402
@@ -194,12 +194,7 @@ def _validate(q, k, cos, sin, position_ids, check_positions: bool = True):
     elif L < T:
         raise ValueError(f"apply_rotary: without position_ids token t uses table row t, but the cos/sin tables "
                          f"have L = {L} rows, fewer than the sequence length T = {T}")
-    if is_interpreting():
-        if device.type != "cpu":
-            raise ValueError(f"apply_rotary: the Triton interpreter runs on CPU tensors, got q on {device}")
-    elif device.type != "cuda":
-        raise ValueError(f"apply_rotary: Triton kernels need CUDA tensors (got q on {device}); "
-                         "set TRITON_INTERPRET=1 to run them on the CPU")
+    check_device("apply_rotary", "q", device)
     # The kernel addresses the last dim with unit stride. A view with a strided last dim (a
     # transpose, or an expanded gradient) is copied once here rather than misread.
     q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import empty, is_interpreting
+from .common import check_device, empty, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -129,12 +129,7 @@ def _validate(fn: str, tensors) -> None:
             raise TypeError(f"{fn}: {name} ({t.dtype}) must have the dtype of {name0} ({t0.dtype})")
         if t.device != t0.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but {name0} is on {t0.device}")
-    if is_interpreting():
-        if t0.device.type != "cpu":
-            raise ValueError(f"{fn}: the Triton interpreter runs on CPU tensors, got {name0} on {t0.device}")
-    elif t0.device.type != "cuda":
-        raise ValueError(f"{fn}: Triton kernels need CUDA tensors (got {name0} on {t0.device}); "
-                         "set TRITON_INTERPRET=1 to run them on the CPU")
+    check_device(fn, name0, t0.device)
 
 
 def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
