@@ -51,6 +51,8 @@ from llama_mini import hardware as _hardware  # noqa: E402
 PEAK_TFLOPS = _hardware.PEAK_TFLOPS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Short names accepted by the scripts' --dtypes, mapped to the keys of DTYPES.
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 # Metadata written as ``# key: value`` lines at the top of every CSV.
 CSV_META_KEYS = ("date", "device_name", "torch", "triton", "python", "timing", "precision", "config")
@@ -208,6 +210,18 @@ class Timer:
         if method in ("do_bench", "cuda-events") and device.type != "cuda":
             raise SystemExit(f"--timer {method} needs a CUDA device, got {device}")
         self.method = method
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+        """The "timing" argument group that ``from_args`` reads; returns it for more options."""
+        t = parser.add_argument_group("timing")
+        t.add_argument("--timer", default="auto", choices=["auto", "do_bench", "cuda-events", "wall"],
+                       help="auto: do_bench on CUDA if triton imports, else CUDA events; wall clock elsewhere")
+        t.add_argument("--warmup", type=int, default=5, help="untimed calls (wall and cuda-events timers)")
+        t.add_argument("--repeats", type=int, default=20, help="timed calls (wall and cuda-events timers)")
+        t.add_argument("--warmup-ms", type=float, default=50.0, help="do_bench warmup budget in ms")
+        t.add_argument("--rep-ms", type=float, default=200.0, help="do_bench timing budget in ms")
+        return t
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> "Timer":

@@ -65,8 +65,8 @@ import torch.nn.functional as F
 
 # ``python bench/flash_attention.py`` puts bench/ first on sys.path; common adds the checkout root.
 from common import (
-    DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m, peak_memory, peak_tflops,
-    pyplot, release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions, warn_if_cpu_busy,
+    DTYPE_ALIASES, DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m,
+    peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions, warn_if_cpu_busy,
     write_csv, write_json,
 )
 import kernels  # noqa: E402
@@ -77,7 +77,6 @@ DEFAULT_OUT = results_dir("flash_attention")
 PROVIDERS = ("triton", "sdpa", "eager", "compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": (1, 1), "bwd": (5, 2), "fwd+bwd": (7, 2)}  # (num, den) times the forward FLOPs
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 SWEEP_DEFAULTS = {  # option: (GPU default, CPU default)
     "seqlens": ("512,1024,2048,4096,8192,16384", "128,256,512"), "tokens": (16384, 1024),
     "heads": ("16,32", "4"), "head_dims": ("64,128", "64"), "dtypes": ("bfloat16,float16", "float32"),
@@ -117,13 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for pct_of_peak, every dtype [datasheet table for known GPUs; none on CPU]")
 
-    t = p.add_argument_group("timing")
-    t.add_argument("--timer", default="auto", choices=["auto", "do_bench", "cuda-events", "wall"],
-                   help="auto: do_bench on CUDA if triton imports, else CUDA events; wall clock elsewhere")
-    t.add_argument("--warmup", type=int, default=5, help="untimed calls (wall and cuda-events timers)")
-    t.add_argument("--repeats", type=int, default=20, help="timed calls (wall and cuda-events timers)")
-    t.add_argument("--warmup-ms", type=float, default=50.0, help="do_bench warmup budget in ms")
-    t.add_argument("--rep-ms", type=float, default=200.0, help="do_bench timing budget in ms")
+    Timer.add_arguments(p)
 
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=DEFAULT_OUT,

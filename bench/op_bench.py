@@ -60,7 +60,7 @@ import torch
 
 # The op scripts run as ``python bench/<op>.py``, which puts bench/ first on sys.path.
 from common import (  # noqa: E402
-    DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m, peak_memory, pyplot,
+    DTYPE_ALIASES, DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m, peak_memory, pyplot,
     release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions, warn_if_cpu_busy,
     write_csv, write_json,
 )
@@ -69,7 +69,6 @@ from kernels.common import is_interpreting  # noqa: E402
 
 PROVIDERS = ("triton", "eager", "compile")
 MODES = ("fwd", "bwd", "fwd+bwd")
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 ERR_BOUND = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}  # on rel_err, against the fp32 reference
 INTERPRETER_NOTE = ("TRITON_INTERPRET=1: ran in Triton's CPU interpreter; the time is the interpreter's, "
                     "not the kernel's")
@@ -248,13 +247,7 @@ def parse_args(op: Op, argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:1, cpu")
     d.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs [torch's default]")
 
-    t = p.add_argument_group("timing")
-    t.add_argument("--timer", default="auto", choices=["auto", "do_bench", "cuda-events", "wall"],
-                   help="auto: do_bench on CUDA if triton imports, else CUDA events; wall clock elsewhere")
-    t.add_argument("--warmup", type=int, default=5, help="untimed calls (wall and cuda-events timers)")
-    t.add_argument("--repeats", type=int, default=20, help="timed calls (wall and cuda-events timers)")
-    t.add_argument("--warmup-ms", type=float, default=50.0, help="do_bench warmup budget in ms")
-    t.add_argument("--rep-ms", type=float, default=200.0, help="do_bench timing budget in ms")
+    Timer.add_arguments(p)
 
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=results_dir(op.name),
