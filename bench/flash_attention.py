@@ -66,8 +66,8 @@ import torch.nn.functional as F
 # ``python bench/flash_attention.py`` puts bench/ first on sys.path; common adds the checkout root.
 from common import (
     DTYPE_ALIASES, DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m,
-    peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions, warn_if_cpu_busy,
-    write_csv, write_json,
+    peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir, utc_now_iso,
+    utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402

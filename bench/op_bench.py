@@ -60,9 +60,9 @@ import torch
 
 # The op scripts run as ``python bench/<op>.py``, which puts bench/ first on sys.path.
 from common import (  # noqa: E402
-    DTYPE_ALIASES, DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m, peak_memory, pyplot,
-    release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions, warn_if_cpu_busy,
-    write_csv, write_json,
+    DTYPE_ALIASES, DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m,
+    peak_memory, pyplot, release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions,
+    warn_if_cpu_busy, write_csv, write_json,
 )
 import kernels  # noqa: E402
 from kernels.common import is_interpreting  # noqa: E402
