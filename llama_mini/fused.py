@@ -14,7 +14,8 @@ Per call, an input a kernel does not take runs the reference instead and the rea
 ``ops.fallbacks()``: dtypes other than fp32/fp16/bf16 (a float64 model), bf16 under the
 interpreter (unsupported there), a hidden size above the RMSNorm kernel's limit.
 
-Autocast: the fused linear + cross-entropy receives the hidden states cast to the autocast
+Autocast: the fused residual add + RMSNorm gets the fp32 residual stream and a 16-bit attention
+output, and adds them in fp32, as ``x + residual`` would. The fused linear + cross-entropy receives the hidden states cast to the autocast
 dtype (as ``F.linear`` would) and the weight as stored: with fp32 master weights the products
 run in bf16/fp16 while the weight gradient accumulates straight into an fp32 tensor.
 
@@ -78,7 +79,10 @@ def add_rms_norm(
     if why is None and x.shape[-1] > k.MAX_HIDDEN:
         why = f"hidden size {x.shape[-1]} > {k.MAX_HIDDEN}"
     if why is None and residual.dtype != x.dtype:
-        why = f"residual {residual.dtype} differs from x {x.dtype}"
+        # Under autocast the residual stream is fp32 and the attention output 16-bit: the sum is
+        # taken in the wider dtype, as x + residual would (a differentiable cast, outside the kernel).
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
     if why is not None:
         ops.record_fallback("add_rms_norm", _where(x), why)
         return reference.add_rms_norm(x, residual, weight, eps)

@@ -187,3 +187,29 @@ def test_fused_loss_under_autocast_computes_in_the_autocast_dtype_with_fp32_weig
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=0)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_fused_add_under_mixed_dtypes_adds_in_the_wider_dtype_without_falling_back():
+    """Under autocast with fp32 weights the residual stream is fp32 and the attention output
+    fp16: the kernel path adds in fp32 (as x + residual does) instead of refusing the call."""
+    from llama_mini import fused
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 40, generator=g, requires_grad=True)
+    r = torch.randn(3, 5, 40, generator=g).half().requires_grad_()
+    w = torch.randn(40, generator=g).requires_grad_()
+    y, h = fused.add_rms_norm(x, r, w, 1e-5)
+    assert h.dtype == y.dtype == torch.float32
+    (y.sum() + (h * h).sum()).backward()
+    x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
+    from kernels import reference
+
+    y64, h64 = reference.add_rms_norm(x64, r64, w64, 1e-5)
+    (y64.sum() + (h64 * h64).sum()).backward()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.double(), h64, rtol=1e-6, atol=0)
+    for got, want in ((x.grad, x64.grad), (w.grad, w64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert r.grad.dtype == torch.float16
+    torch.testing.assert_close(r.grad.double(), x64.grad.half().double(), rtol=1e-3, atol=0)
+    assert "add_rms_norm@cpu/float32" not in ops.fallbacks()
