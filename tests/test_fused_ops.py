@@ -12,12 +12,15 @@ import pytest
 import torch
 
 import kernels
+import kernels.common
 from llama_mini import ModelArgs, Transformer, ops
 from llama_mini.ops import IMPL_FIELDS
 
 from conftest import make_model
 
-pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
+# CPU tensors under the interpreter (CI), CUDA tensors with compiled kernels (TRITON_INTERPRET=0).
+DEVICE = torch.device("cpu" if kernels.common.is_interpreting() or not torch.cuda.is_available() else "cuda")
+pytestmark = pytest.mark.skipif(not ops.triton_runs_on(DEVICE)[0], reason=ops.triton_runs_on(DEVICE)[1])
 
 ALL_ON = {field: "triton" for field in IMPL_FIELDS}
 ALL_OFF = {field: "torch" for field in IMPL_FIELDS}
@@ -34,7 +37,7 @@ def _batch(B: int = 2, T: int = 24, vocab: int = 97, seed: int = 0):
     cut = T // 3
     position_ids = torch.arange(T).expand(B, T).clone()
     position_ids[0, cut:] = torch.arange(T - cut)
-    return tokens, targets, position_ids
+    return tokens.to(DEVICE), targets.to(DEVICE), position_ids.to(DEVICE)
 
 
 def test_every_op_has_a_triton_implementation_and_each_switch_names_its_ops():
@@ -50,7 +53,8 @@ def test_auto_keeps_the_reference_on_cpu_and_says_why():
         name, _ = ops.resolve_impl(op, "auto", torch.device("cpu"))
         assert name == "torch"
         reason = ops.resolutions()[f"{op}@cpu (auto)"]["reason"]
-        assert "not the default on cpu" in reason  # the interpreter runs them, but only by name
+        # the interpreter runs them on CPU tensors, but only when asked for by name
+        assert "not the default on cpu" in reason or "triton unavailable" in reason
 
 
 def test_triton_on_a_device_it_cannot_use_is_an_error_naming_the_op():
@@ -59,14 +63,14 @@ def test_triton_on_a_device_it_cannot_use_is_an_error_naming_the_op():
 
 
 def test_float64_model_runs_the_reference_and_records_why():
-    model = make_model(dtype=torch.float64, **ALL_ON)
-    ref = make_model(dtype=torch.float64, **ALL_OFF)
+    model = make_model(dtype=torch.float64, **ALL_ON).to(DEVICE)
+    ref = make_model(dtype=torch.float64, **ALL_OFF).to(DEVICE)
     tokens, targets, position_ids = _batch()
     loss = model(tokens, targets, position_ids=position_ids)
     assert torch.equal(loss, ref(tokens, targets, position_ids=position_ids))
     fell_back = ops.fallbacks()
     for op in ("rms_norm", "add_rms_norm", "rope", "swiglu", "linear_cross_entropy"):
-        assert "float64 is not a kernel dtype" in fell_back[f"{op}@cpu/float64"]
+        assert "float64 is not a kernel dtype" in fell_back[f"{op}@{DEVICE.type}/float64"]
 
 
 def _loss_and_grads(model: Transformer, *batch, **kw):
@@ -84,8 +88,8 @@ def test_all_kernels_give_the_reference_loss_and_every_gradient(linear_loss):
     order, ~1e-7 relative per op; through two layers and the loss 1e-5 relative is ample and
     still fails for any real mistake (a wrong position, a dropped residual gradient, a
     mis-scaled loss give errors of order 1)."""
-    on = make_model(**{**ALL_ON, "linear_loss_impl": linear_loss})
-    off = make_model(**ALL_OFF)
+    on = make_model(**{**ALL_ON, "linear_loss_impl": linear_loss}).to(DEVICE)
+    off = make_model(**ALL_OFF).to(DEVICE)
     batch = _batch()
     loss_on, grads_on = _loss_and_grads(on, *batch)
     loss_off, grads_off = _loss_and_grads(off, *batch)
@@ -99,11 +103,11 @@ def test_all_kernels_give_the_reference_loss_and_every_gradient(linear_loss):
         for op in names:
             if op == "cross_entropy" and linear_loss == "triton":
                 continue  # the fused loss never forms logits, so the plain loss is not called
-            assert used[f"{op}@cpu ({impl})"]["impl"] == impl
+            assert used[f"{op}@{DEVICE.type} ({impl})"]["impl"] == impl
 
 
 def test_logits_without_targets_match():
-    on, off = make_model(**ALL_ON), make_model(**ALL_OFF)
+    on, off = make_model(**ALL_ON).to(DEVICE), make_model(**ALL_OFF).to(DEVICE)
     tokens, _, position_ids = _batch()
     with torch.no_grad():
         torch.testing.assert_close(on(tokens, position_ids=position_ids), off(tokens, position_ids=position_ids),
@@ -112,8 +116,8 @@ def test_logits_without_targets_match():
 
 def test_generation_path_with_kernels_matches_the_cache_free_path():
     """forward_inference slices the rotary tables at start_pos; the rotary kernel must use them."""
-    model = make_model(**ALL_ON)
-    tokens = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0))
+    model = make_model(**ALL_ON).to(DEVICE)
+    tokens = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     cache = model.new_cache(1)
     with torch.no_grad():
         full = model(tokens)
@@ -123,7 +127,7 @@ def test_generation_path_with_kernels_matches_the_cache_free_path():
 
 
 def test_fused_loss_under_model_parallel_falls_back_visibly():
-    model = make_model(**ALL_ON)
+    model = make_model(**ALL_ON).to(DEVICE)
     model.mp_size = 2  # as if the output weight were split over two ranks
     tokens, targets, position_ids = _batch()
     model(tokens, targets, position_ids=position_ids)
@@ -133,7 +137,7 @@ def test_fused_loss_under_model_parallel_falls_back_visibly():
 def _train(impls: dict, steps: int, seed: int = 0) -> list[float]:
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16,
-                                  max_seq_len=64, **impls))
+                                  max_seq_len=64, **impls)).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     losses = []
     for step in range(steps):
@@ -170,11 +174,11 @@ def test_fused_loss_under_autocast_computes_in_the_autocast_dtype_with_fp32_weig
     from llama_mini import fused
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 9, 32, generator=g, requires_grad=True)
-    w = (torch.randn(50, 32, generator=g) * 0.2).requires_grad_()
-    targets = torch.randint(0, 50, (2, 9), generator=g)
+    x = torch.randn(2, 9, 32, generator=g).to(DEVICE).requires_grad_()
+    w = (torch.randn(50, 32, generator=g) * 0.2).to(DEVICE).requires_grad_()
+    targets = torch.randint(0, 50, (2, 9), generator=g).to(DEVICE)
     targets[0, 0] = -100
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
         loss = fused.linear_cross_entropy(x, w, targets, -100)
     loss.backward()
     assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
@@ -195,9 +199,9 @@ def test_fused_add_under_mixed_dtypes_adds_in_the_wider_dtype_without_falling_ba
     from llama_mini import fused
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 40, generator=g, requires_grad=True)
-    r = torch.randn(3, 5, 40, generator=g).half().requires_grad_()
-    w = torch.randn(40, generator=g).requires_grad_()
+    x = torch.randn(3, 5, 40, generator=g).to(DEVICE).requires_grad_()
+    r = torch.randn(3, 5, 40, generator=g).half().to(DEVICE).requires_grad_()
+    w = torch.randn(40, generator=g).to(DEVICE).requires_grad_()
     y, h = fused.add_rms_norm(x, r, w, 1e-5)
     assert h.dtype == y.dtype == torch.float32
     (y.sum() + (h * h).sum()).backward()
@@ -212,4 +216,4 @@ def test_fused_add_under_mixed_dtypes_adds_in_the_wider_dtype_without_falling_ba
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     assert r.grad.dtype == torch.float16
     torch.testing.assert_close(r.grad.double(), x64.grad.half().double(), rtol=1e-3, atol=0)
-    assert "add_rms_norm@cpu/float32" not in ops.fallbacks()
+    assert f"add_rms_norm@{DEVICE.type}/float32" not in ops.fallbacks()
