@@ -25,9 +25,9 @@ add      bwd: read dy, dh, h, w, rstd; write dx (= dr), dw     4*N*C*s + 2*C*s +
 both     fwd+bwd                                               fwd + bwd
 =======  ====================================================  =========================
 
-dw counts as one (C,) write: the kernel's P x C fp32 partial sums (P = a few programs per SM, summed
-afterwards) depend on the GPU and are left out; at C = 4096 and P = 528 they are under 3% of the
-bytes at N = 16384, so the figure is slightly conservative for the triton rows. The same byte count
+dw counts as one (C,) write: the kernel's P x C fp32 partial sums (P = two programs per SM, summed
+afterwards) depend on the GPU and are left out; at C = 4096 and P = 264 (an H100) they are under 2%
+of the bytes at N = 16384, so the figure is slightly conservative for the triton rows. The same byte count
 is used for every provider, so GB/s compares times. Copy bandwidth: ``dst.copy_(src)`` of a buffer
 the size of x, timed in the same run. Targets (CUDA): fwd+bwd >= 85% of copy bandwidth and >= 3x
 eager. See ``bench/op_bench.py`` for the modes, the correctness check and the outputs.

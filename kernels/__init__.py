@@ -3,8 +3,16 @@
 Layout
 ------
 ``kernels.reference``
-    The plain-PyTorch reference of every op (RMSNorm, rotary embedding, SwiGLU, attention,
-    cross-entropy). The CPU path of the model and every kernel test use these.
+    The plain-PyTorch reference of every op (RMSNorm and residual-add + RMSNorm, rotary
+    embedding, SwiGLU, attention, cross-entropy, linear + cross-entropy). The CPU path of the
+    model and every kernel test use these.
+``kernels.rms_norm``, ``kernels.rotary``, ``kernels.swiglu``, ``kernels.cross_entropy``,
+``kernels.linear_cross_entropy``
+    The fused Triton kernels, forward and backward, one op per file: ``rms_norm`` /
+    ``add_rms_norm``, ``apply_rotary(q, k, cos, sin, position_ids)``, ``swiglu``,
+    ``cross_entropy`` (gradient in the same launch), ``linear_cross_entropy`` (the output
+    projection and the loss in token chunks on our own GEMM; the logits never exist whole).
+    Each imports triton.
 ``kernels.flash_attention``
     Triton flash attention, forward and backward (causal, GQA, ragged lengths, document
     masking): ``flash_attention(q, k, v, causal=True, document_ids=None)``. Imports triton.
@@ -12,7 +20,8 @@ Layout
     Launcher helpers (interpreter detection, output allocation, ``poisoned_outputs`` for tests).
 ``kernels.aot``
     Ahead-of-time compile checks for sm_80 / sm_90 without a GPU (spills, shared memory,
-    tensor-core instructions): ``python -m kernels.aot kernels.flash_attention``.
+    tensor-core instructions): ``python -m kernels.aot kernels.flash_attention`` (or any kernel
+    module above).
 ``kernels.triton_available()``
     Whether Triton kernels can run here, and if not, why (``triton_unavailable_reason()``).
 
