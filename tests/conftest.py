@@ -28,6 +28,22 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
     return Transformer(tiny_args(**overrides)).to(dtype)
 
 
+def check_kernel_result(name: str, got, want, dtype: torch.dtype, baseline=None) -> None:
+    """A kernel's output or gradient against a float64 reference ``want``. fp32: 1e-5 relative
+    and absolute. fp16/bf16: the flash-attention rule, error at most twice the error PyTorch
+    makes in the same dtype (``baseline``, computed by PyTorch from the same rounded inputs)
+    plus 1e-6. NaN anywhere fails (``poisoned_outputs`` fills unwritten elements with NaN)."""
+    assert got is not None, f"{name}: no gradient"
+    got, want = got.double(), want.double()
+    assert not torch.isnan(got).any(), f"{name}: NaN in the kernel's result (an unwritten element?)"
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    else:
+        err = (got - want).abs().max().item()
+        base = (baseline.double() - want).abs().max().item()
+        assert err <= 2 * base + 1e-6, f"{name}: error {err:.3g} > 2 x PyTorch {dtype} error {base:.3g}"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

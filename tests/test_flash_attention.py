@@ -28,6 +28,8 @@ import kernels
 from kernels import reference
 from kernels.common import is_interpreting
 
+from conftest import check_kernel_result as check
+
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
 
 if kernels.triton_available():
@@ -89,15 +91,6 @@ def _same_dtype_pytorch(q, k, v, causal, document_ids, dout):
     return out.detach(), q1.grad, k1.grad, v1.grad
 
 
-def _check(name, got, want, dtype, baseline=None):
-    got, want = got.double(), want.double()
-    assert not torch.isnan(got).any(), f"{name}: NaN in the kernel's result (an unwritten element?)"
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    else:
-        err = (got - want).abs().max().item()
-        base = (baseline.double() - want).abs().max().item()
-        assert err <= 2 * base + 1e-6, f"{name}: error {err:.3g} > 2 x PyTorch {dtype} error {base:.3g}"
 
 
 def _run_and_compare(q, k, v, causal, document_ids=None, dtype=torch.float32, seed=0):
@@ -110,7 +103,7 @@ def _run_and_compare(q, k, v, causal, document_ids=None, dtype=torch.float32, se
     baseline = [None] * 4
     if dtype != torch.float32:
         baseline = _same_dtype_pytorch(q, k, v, causal, document_ids, dout)
-    _check("out", out, ref, dtype, baseline[0])
+    check("out", out, ref, dtype, baseline[0])
     # lse: -inf exactly where a row sees no key, fp32-accurate elsewhere (it is kept in fp32)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "lse: -inf rows differ"
     finite = torch.isfinite(ref_lse)
@@ -118,7 +111,7 @@ def _run_and_compare(q, k, v, causal, document_ids=None, dtype=torch.float32, se
     torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-5, atol=1e-5)
     for name, got, want, base in (("dq", q.grad, q64.grad, baseline[1]), ("dk", k.grad, k64.grad, baseline[2]),
                                   ("dv", v.grad, v64.grad, baseline[3])):
-        _check(name, got, want, dtype, base)
+        check(name, got, want, dtype, base)
     return out
 
 

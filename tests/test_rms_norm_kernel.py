@@ -30,6 +30,8 @@ import kernels
 from kernels import reference
 from kernels.common import is_interpreting
 
+from conftest import check_kernel_result as check
+
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
 
 if kernels.triton_available():
@@ -66,16 +68,6 @@ def _same_dtype(*tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def _check(name, got, want, dtype, baseline=None):
-    assert got is not None, f"{name}: no gradient"
-    got, want = got.double(), want.double()
-    assert not torch.isnan(got).any(), f"{name}: NaN in the kernel's result (an unwritten element?)"
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    else:
-        err = (got - want).abs().max().item()
-        base = (baseline.double() - want).abs().max().item()
-        assert err <= 2 * base + 1e-6, f"{name}: error {err:.3g} > 2 x PyTorch {dtype} error {base:.3g}"
 
 
 def _compare_rms_norm(x, w, dtype, seed, eps=EPS):
@@ -95,9 +87,9 @@ def _compare_rms_norm(x, w, dtype, seed, eps=EPS):
         yb.backward(dy)
         base = [yb.detach(), xb.grad, wb.grad]
     assert y.dtype == torch.promote_types(x.dtype, w.dtype) and y.shape == x.shape
-    _check("y", y, y64, dtype, base[0])
-    _check("dx", x.grad, x64.grad, dtype, base[1])
-    _check("dw", w.grad, w64.grad, dtype, base[2])
+    check("y", y, y64, dtype, base[0])
+    check("dx", x.grad, x64.grad, dtype, base[1])
+    check("dw", w.grad, w64.grad, dtype, base[2])
     assert x.grad.dtype == x.dtype and w.grad.dtype == w.dtype
     return y
 
@@ -120,11 +112,11 @@ def _compare_add_rms_norm(x, r, w, dtype, seed, eps=EPS):
         yb, hb = reference.add_rms_norm(xb, rb, wb, eps)
         torch.autograd.backward([yb, hb], [dy, dh])
         base = [yb.detach(), xb.grad, wb.grad]
-    _check("y", y, y64, dtype, base[0])
-    _check("h", h, h64, dtype, x.detach() + r.detach())
-    _check("dx", x.grad, x64.grad, dtype, base[1])
-    _check("dresidual", r.grad, r64.grad, dtype, base[1])
-    _check("dw", w.grad, w64.grad, dtype, base[2])
+    check("y", y, y64, dtype, base[0])
+    check("h", h, h64, dtype, x.detach() + r.detach())
+    check("dx", x.grad, x64.grad, dtype, base[1])
+    check("dresidual", r.grad, r64.grad, dtype, base[1])
+    check("dw", w.grad, w64.grad, dtype, base[2])
     return y, h
 
 
