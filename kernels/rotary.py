@@ -45,6 +45,8 @@ cap is ``INTERPRETER_TILE`` elements, so small test shapes still loop over ragge
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .common import check_device, empty, is_interpreting
@@ -151,6 +153,17 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"apply_rotary: {name} is on {t.device} but q is on {device}")
 
 
+# The last position_ids tensor whose range was checked: (weak reference, version counter, L).
+# Every layer of a forward passes the same tensor, so only the first pays the host sync; an
+# in-place change bumps the version and is checked again.
+_CHECKED: list[tuple[weakref.ref, int, int] | None] = [None]
+
+
+def _already_checked(position_ids: torch.Tensor, L: int) -> bool:
+    last = _CHECKED[0]
+    return last is not None and last[0]() is position_ids and last[1] == position_ids._version and L >= last[2]
+
+
 def _validate(q, k, cos, sin, position_ids, check_positions: bool = True):
     """Check shapes, dtypes and devices (errors name the argument); return tensors whose last dim
     is contiguous."""
@@ -186,11 +199,13 @@ def _validate(q, k, cos, sin, position_ids, check_positions: bool = True):
                              f"got {getattr(position_ids, 'dtype', type(position_ids))} "
                              f"{tuple(getattr(position_ids, 'shape', ()))}")
         _check_device("position_ids", position_ids, device)
-        if check_positions and position_ids.numel():
-            lo, hi = int(position_ids.min()), int(position_ids.max())  # one host sync
+        if check_positions and position_ids.numel() and not _already_checked(position_ids, L):
+            lo, hi = torch.aminmax(position_ids)
+            lo, hi = (int(v) for v in torch.stack((lo, hi)).tolist())  # one host sync
             if lo < 0 or hi >= L:
                 raise ValueError(f"apply_rotary: position_ids must lie in [0, {L}) (the cos/sin tables have "
                                  f"L = {L} rows), got values in [{lo}, {hi}]")
+            _CHECKED[0] = (weakref.ref(position_ids), position_ids._version, L)
     elif L < T:
         raise ValueError(f"apply_rotary: without position_ids token t uses table row t, but the cos/sin tables "
                          f"have L = {L} rows, fewer than the sequence length T = {T}")

@@ -243,6 +243,31 @@ def test_errors_name_the_argument(kw, exc, match):
         apply_rotary(**_bad(**kw))
 
 
+def test_position_range_is_checked_once_per_tensor_and_again_after_a_change():
+    """Every layer passes the same position_ids: the host-side range check runs for the first
+    only. Changing the tensor in place, or a shorter table, must be checked again."""
+    args = _bad(position_ids=torch.arange(7).expand(2, 7).clone().to(DEVICE))
+    pos = args["position_ids"]
+    apply_rotary(**args)
+    calls = []
+    real = torch.aminmax
+    try:
+        torch.aminmax = lambda t: calls.append(t) or real(t)
+        apply_rotary(**args)  # same tensor, same version: no second check
+        assert calls == []
+        pos[1, 6] = 12  # an in-place change bumps the version counter: checked, and refused
+        with pytest.raises(ValueError, match=r"position_ids must lie in \[0, 12\)"):
+            apply_rotary(**args)
+        pos[1, 6] = 6
+        apply_rotary(**args)  # fixed: checked again and accepted
+        short_cos, short_sin = _tables(6, 8)
+        with pytest.raises(ValueError, match=r"position_ids must lie in \[0, 6\)"):
+            apply_rotary(**dict(args, cos=short_cos, sin=short_sin))  # a shorter table: checked again
+    finally:
+        torch.aminmax = real
+    assert len(calls) == 3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(is_interpreting(), reason="bf16 runs on a GPU only (the interpreter has no bf16 arithmetic)")
 @pytest.mark.parametrize("case", ["gqa-longer-table", "mqa-packed-docs", "d10-ragged-head-tiles"])
