@@ -34,11 +34,13 @@ dtype:
   second read and write zeros.
 
 No (N, V) temporary is made besides the gradient buffer itself. The autograd function computes
-the gradient in the forward launch (when autograd will need it), scaled for the reduction, and
-its backward only multiplies that buffer by the scalar grad_output, in place, with a small
-elementwise kernel (``_scale_inplace``) that reads grad_output from device memory in fp32: no
-host transfer, and no rounding of grad_output to a 16-bit dtype first, as ``tensor.mul_``
-would do with a 0-dim CUDA tensor.
+the gradient in the forward launch (when autograd will need it), unscaled (softmax - onehot,
+entries in [-1, 1]), and its backward multiplies that buffer by grad_output / n (the reduction's
+scale, formed in fp32), in place, with a small elementwise kernel (``_scale_inplace``) that reads
+the factor from device memory in fp32: no host transfer, and one rounding of a 16-bit buffer
+after both factors. (Scaling by 1/n in the forward would round fp16 gradients into the
+subnormal range before a loss scale arrives in grad_output; ``tensor.mul_`` with a 0-dim CUDA
+tensor would round grad_output itself to the 16-bit dtype.)
 
 Shapes and dtypes
 -----------------
@@ -285,8 +287,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     """loss = f(logits, targets): a scalar fp32 cross-entropy, differentiable in logits.
 
     The gradient is computed in the forward launch (``needs_grad``) into a buffer of logits'
-    dtype, already scaled for the reduction; backward multiplies it by grad_output in place,
-    so the loss costs one (N, V) buffer beyond the logits, never two.
+    dtype, unscaled; backward multiplies it by grad_output times the reduction's 1/n (formed in
+    fp32) in place, so the loss costs one (N, V) buffer beyond the logits, never two.
     """
 
     @staticmethod
@@ -307,10 +309,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         n_counted = check_targets(flat_targets, V, ignore_index)
         scale = 1.0 if reduction == "sum" else 1.0 / max(n_counted, 1)
         # Not in place: the caller may still use its logits. Contiguous, so the backward can
-        # scale it as one flat run and view it back as logits' shape.
+        # scale it as one flat run and view it back as logits' shape. The buffer holds the
+        # unscaled softmax - onehot (entries in [-1, 1]); the mean's 1/n is applied in backward
+        # together with grad_output, in fp32, so a 16-bit buffer is rounded once, after both
+        # (1/n first would push fp16 values into the subnormal range before a loss scale
+        # could lift them).
         grad = empty(*flat.shape, dtype=flat.dtype, device=flat.device) if needs_grad else None
-        loss_rows, _ = _launch(flat, flat_targets, ignore_index, scale, grad)
+        loss_rows, _ = _launch(flat, flat_targets, ignore_index, 1.0, grad)
         loss = loss_rows.sum() * scale  # "mean": the sum of counted rows / max(n, 1)
+        ctx.scale = scale
         ctx.dlogits = grad
         ctx.shape = logits.shape
         ctx.used = False
@@ -327,8 +334,9 @@ class CrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError("cross_entropy: the forward ran without computing the gradient (needs_grad=False)")
         ctx.used = True
         grad, ctx.dlogits = ctx.dlogits, None
-        # In place, so no second (N, V) buffer; grad_output is read in fp32 by the kernel.
-        return scale_(grad, grad_output).view(ctx.shape), None, None, None, None
+        # In place, so no second (N, V) buffer; the factor is formed and applied in fp32.
+        factor = grad_output.detach().to(torch.float32) * ctx.scale
+        return scale_(grad, factor).view(ctx.shape), None, None, None, None
 
 
 def cross_entropy(

@@ -24,19 +24,23 @@ Tokens are split into chunks of ``chunk_size`` rows. For each chunk c:
 1. z_c = matmul(x_c, W^T) into one reused fp32 (chunk, V) buffer (W^T is a free strided view);
 2. ``cross_entropy_rows(z_c, t_c, ignore_index, 1.0, grad=z_c)`` returns the per-row losses and
    overwrites z_c, in place, with softmax(z_c) - onehot(t_c) (zero rows where ignored);
-3. if gradients are needed: dx_c = s * matmul(G_c, W) written straight into dx (x's dtype), and
-   dW32 += s * matmul(G_c^T, x_c), accumulated in one fp32 (V, C) buffer (G_c^T is a view).
+3. if gradients are needed: dx_c = matmul(G_c, W) written straight into dx (x's dtype), unscaled,
+   and dW32 += s * matmul(G_c^T, x_c), accumulated in one fp32 (V, C) buffer (G_c^T is a view).
 
-The mean's scale s = 1 / max(n, 1) is applied in the fp32 epilogue of the two gradient products
-(the ``alpha`` of :func:`matmul`), not folded into G: G is rounded to the compute dtype when its
-tiles are loaded, and in fp16 s * (softmax - onehot) would fall into the subnormal range (or flush
-to zero) for n of a few thousand tokens. Every target is validated and n counted with one host
-read before the loop (``check_targets``); the chunks skip the check.
+Where the scales go. G = softmax - onehot has entries in [-1, 1], and so dx = G W is of the
+size of W's entries: stored unscaled it is safe in fp16. The mean's s = 1 / max(n, 1) and the
+backward's grad_output g (a loss scale of 2^16 in fp16 training) are applied together in the
+backward, in fp32, so a 16-bit dx is rounded once, after both. Multiplying by s first would put
+an fp16 dx into the subnormal range for n of a few thousand tokens, where the later loss scale
+cannot restore the lost bits. dW32 takes s in the fp32 epilogue of its product (the ``alpha``
+of :func:`matmul`; unscaled sums over many tokens could overflow fp16) and stays fp32 until the
+backward multiplies it by g; only then is it cast to W's dtype (when W is fp32 the buffer is
+the gradient, no copy). Every target is validated and n counted with one host read before the
+loop (``check_targets``); the chunks skip the check.
 
-At the end dW = dW32 cast to W's dtype (when W is fp32 the buffer is the gradient, no copy).
 Gradients are computed in the forward whenever grad mode is on and x or W requires grad (the
-backward of a fused loss needs the logits, which we do not keep); the backward only scales them,
-in place, by grad_output. They are handed over once: a second backward through the same graph
+backward of a fused loss needs the logits, which we do not keep), so a loss computed for
+evaluation should run under ``torch.no_grad()``; the backward only scales them, in place. They are handed over once: a second backward through the same graph
 (``retain_graph=True``) raises. FLOPs: 3 x 2 N V C, the same as the unfused forward + backward.
 
 Memory (fp32 logits)
@@ -45,9 +49,9 @@ Unfused: N x V x 4 B of logits plus as much again for their gradient; N = 8192, 
 8.4 GB. Fused: one chunk buffer of chunk x V x 4 B, reused. The default chunk follows Liger
 Kernel: chunk = next_power_of_2(ceil(N / ceil(V / C))), capped at N, so the buffer is about
 N x C x 4 B, the size of x in fp32 (N = 8192, C = 4096, V = 128256: chunk 256, 131 MB). Besides,
-held from the forward to the backward: dx (N, C) in x's dtype and dW (V, C) in W's dtype, which
-any backward produces, and for 16-bit W the fp32 accumulator dW32 until the final cast (V x C x
-4 B: 2.1 GB at V = 128256, C = 4096), the price of summing the chunks' dW without rounding.
+held from the forward to the backward: dx (N, C) in x's dtype, which any backward produces, and
+the fp32 accumulator dW32 (V x C x 4 B: 2.1 GB at V = 128256, C = 4096), cast to a 16-bit W's
+dtype in the backward: the price of summing the chunks' dW without rounding.
 
 Mixed precision
 ---------------
@@ -409,8 +413,9 @@ def _validate(x, weight, targets, ignore_index, reduction, chunk_size):
 
 def linear_cross_entropy_forward(x, weight, targets, ignore_index: int = -100, reduction: str = "mean",
                                  chunk_size: int | None = None, need_dx: bool = False, need_dw: bool = False):
-    """Run the chunked loop. Returns (loss () fp32, dx like x or None, dW like weight or None),
-    the gradients for grad_output = 1."""
+    """Run the chunked loop. Returns (loss () fp32, dx, dW32, s): dx like x but not yet scaled
+    by s (None unless need_dx), dW32 fp32 already scaled by s (None unless need_dw), and the
+    reduction's scale s. :func:`_finish` turns them into the gradients for a grad_output."""
     compute = _validate(x, weight, targets, ignore_index, reduction, chunk_size)
     V, C = weight.shape
     N = targets.numel()  # targets has x's leading shape (validated)
@@ -436,16 +441,25 @@ def linear_cross_entropy_forward(x, weight, targets, ignore_index: int = -100, r
                                               grad=zc if (need_dx or need_dw) else None, check=False)
             total += loss_rows.sum()
             if need_dx:
-                _launch_matmul(zc, weight, dx[c0:c1], alpha=scale, accumulate=False, compute=compute)
+                _launch_matmul(zc, weight, dx[c0:c1], alpha=1.0, accumulate=False, compute=compute)
             if need_dw:
                 _launch_matmul(zc.t(), xc, dw32, alpha=scale, accumulate=i > 0, compute=compute)
     loss = total * scale
-    dw = None
-    if need_dw:
-        dw = dw32 if weight.dtype == torch.float32 else dw32.to(weight.dtype)
     if need_dx:
         dx = dx.view(x.shape)
-    return loss, dx, dw
+    return loss, dx, dw32, scale
+
+
+def _finish(dx, dw32, weight_dtype: torch.dtype, scale: float, grad_output: torch.Tensor):
+    """The gradients for grad_output g: dx * (g s) and dW32 * g in place, factors formed in fp32,
+    then dW cast to the weight's dtype. Each 16-bit result is rounded once."""
+    g = grad_output.detach().to(torch.float32)
+    if dx is not None:
+        dx = scale_(dx, g * scale)
+    if dw32 is not None:
+        dw32 = scale_(dw32, g)
+        dw32 = dw32 if weight_dtype == torch.float32 else dw32.to(weight_dtype)
+    return dx, dw32
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -454,9 +468,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, ignore_index, reduction, chunk_size, need_dx, need_dw):
-        loss, dx, dw = linear_cross_entropy_forward(x, weight, targets, ignore_index, reduction, chunk_size,
-                                                    need_dx, need_dw)
-        ctx.grads = (dx, dw)  # not inputs or outputs: plain attributes, handed over in backward
+        loss, dx, dw32, scale = linear_cross_entropy_forward(x, weight, targets, ignore_index, reduction,
+                                                             chunk_size, need_dx, need_dw)
+        ctx.grads = (dx, dw32)  # not inputs or outputs: plain attributes, handed over in backward
+        ctx.scale, ctx.weight_dtype = scale, weight.dtype
         return loss
 
     @staticmethod
@@ -466,12 +481,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy: backward ran twice through the same graph; its gradients "
                                "were computed in the forward and handed over (scaled in place) by the first "
                                "backward. Recompute the loss instead of using retain_graph=True.")
-        dx, dw = ctx.grads
+        dx, dw32 = ctx.grads
         ctx.grads = None
-        # In place (no second copy of dW), grad_output read in fp32 by the kernel: tensor.mul_
-        # would round it to a 16-bit gradient's dtype first, a systematic bias for e.g. 1/3.
-        return (None if dx is None else scale_(dx, grad_loss), None if dw is None else scale_(dw, grad_loss),
-                None, None, None, None, None, None)
+        # In place, factors read in fp32 by the kernel: tensor.mul_ would round grad_output to a
+        # 16-bit gradient's dtype first, a systematic bias for e.g. 1/3.
+        dx, dw = _finish(dx, dw32, ctx.weight_dtype, ctx.scale, grad_loss)
+        return dx, dw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,

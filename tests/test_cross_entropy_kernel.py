@@ -273,3 +273,24 @@ def test_bad_arguments_are_named():
 def test_gpu_matches_float64_reference(shape, V, dtype):
     logits, targets = _inputs(shape, V, dtype, seed=V)
     _check(logits, targets)
+
+
+def test_fp16_gradient_survives_a_loss_scale():
+    """The fp16 gradient buffer holds softmax - onehot unscaled; the mean's 1/n and the loss
+    scale are applied together in fp32 and the result rounded once. Checked on the entries the
+    order matters for: probabilities p that are normal fp16 numbers (>= 1e-4) while p / n is
+    subnormal (< 6.1e-5, spacing 6e-8: a few % error if rounded there); scaled by 2^16 / n they
+    are ordinary numbers again. Bound: 4e-3 relative (fp16 rounding is 2^-11 = 4.9e-4).
+    (Probabilities below fp16's normal range lose relative precision in any fp16 buffer.)"""
+    g = torch.Generator().manual_seed(0)
+    N, V = 48, 40
+    logits = (torch.randn(N, V, generator=g) * 4).half().to(DEVICE).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    (cross_entropy(logits, t) * 65536.0).backward()
+    z64 = logits.detach().double().requires_grad_()
+    (reference.cross_entropy(z64, t) * 65536.0).backward()
+    p = torch.softmax(z64.detach(), dim=-1)
+    picked = (p >= 1e-4) & (p / N < 6.1e-5)
+    assert picked.sum() > 100
+    err = ((logits.grad.double() - z64.grad).abs() / z64.grad.abs())[picked].max()
+    assert err < 4e-3, f"relative error {err:.3g} where p is normal but p / n subnormal in fp16"

@@ -327,3 +327,23 @@ def test_aot_specs_cover_every_config_the_launcher_can_pick():
 def test_gpu_matches_float64_reference(lead, C, V, chunk, x_dtype, w_dtype):
     x, w, t = _lce_inputs(lead, C, V, x_dtype, w_dtype, seed=V, ignored=(0, 7))
     _run_and_compare(x, w, t, chunk_size=chunk, grad_out=0.5)
+
+
+def test_fp16_gradients_survive_a_loss_scale():
+    """fp16 training scales the loss by 2^16 so small gradients stay normal numbers. The fused
+    loss must not round dx to fp16 after the mean's 1/n and before that scale: here W's entries
+    are ~3e-5, so dx/n ~ 1e-7 lies in fp16's subnormal range (spacing 6e-8, a few % error),
+    while dx * 2^16 / n ~ 0.1 is an ordinary fp16 number (rounding 2^-11 relative). Rounded
+    once, after both factors, the error stays at fp16 rounding of the result: bound 4e-3 of
+    the largest entry, against 1.7e-2 measured for the earlier rounding order."""
+    g = torch.Generator().manual_seed(0)
+    N, C, V = 64, 16, 32
+    x = torch.randn(N, C, generator=g).half().to(DEVICE).requires_grad_()
+    w = (torch.randn(V, C, generator=g) * 3e-5).half().to(DEVICE).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    (linear_cross_entropy(x, w, t) * 65536.0).backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (reference.linear_cross_entropy(x64, w64, t) * 65536.0).backward()
+    for name, got, want in (("dx", x.grad, x64.grad), ("dW", w.grad, w64.grad)):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 4e-3, f"{name}: error {err:.3g} of the largest entry"
