@@ -161,7 +161,9 @@ _CHECKED: list[tuple[weakref.ref, int, int] | None] = [None]
 
 def _already_checked(position_ids: torch.Tensor, L: int) -> bool:
     last = _CHECKED[0]
-    return last is not None and last[0]() is position_ids and last[1] == position_ids._version and L >= last[2]
+    return (last is not None and last[0]() is position_ids and not position_ids.is_inference()
+            and last[1] == position_ids._version and L >= last[2])
+
 
 
 def _validate(q, k, cos, sin, position_ids, check_positions: bool = True):
@@ -205,7 +207,8 @@ def _validate(q, k, cos, sin, position_ids, check_positions: bool = True):
             if lo < 0 or hi >= L:
                 raise ValueError(f"apply_rotary: position_ids must lie in [0, {L}) (the cos/sin tables have "
                                  f"L = {L} rows), got values in [{lo}, {hi}]")
-            _CHECKED[0] = (weakref.ref(position_ids), position_ids._version, L)
+            if not position_ids.is_inference():  # inference tensors have no version counter: always checked
+                _CHECKED[0] = (weakref.ref(position_ids), position_ids._version, L)
     elif L < T:
         raise ValueError(f"apply_rotary: without position_ids token t uses table row t, but the cos/sin tables "
                          f"have L = {L} rows, fewer than the sequence length T = {T}")

@@ -114,6 +114,19 @@ def test_logits_without_targets_match():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_position_ids_reach_the_rotary_kernel():
+    """Restarting positions change what a model without document masking computes (tokens past
+    the boundary attend across it at other relative distances), so a model that dropped the ids
+    on the way to the rotary op would give the same logits with and without them. The kernels
+    and the reference must agree on the ids' effect."""
+    on, off = make_model(**ALL_ON).to(DEVICE), make_model(**ALL_OFF).to(DEVICE)
+    tokens, _, position_ids = _batch()
+    with torch.no_grad():
+        with_ids, without = on(tokens, position_ids=position_ids), on(tokens)
+        assert (with_ids - without).abs().max() > 1e-3
+        torch.testing.assert_close(with_ids, off(tokens, position_ids=position_ids), rtol=1e-5, atol=1e-5)
+
+
 def test_generation_path_with_kernels_matches_the_cache_free_path():
     """forward_inference slices the rotary tables at start_pos; the rotary kernel must use them."""
     model = make_model(**ALL_ON).to(DEVICE)

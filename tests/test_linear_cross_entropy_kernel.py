@@ -347,3 +347,20 @@ def test_fp16_gradients_survive_a_loss_scale():
     for name, got, want in (("dx", x.grad, x64.grad), ("dW", w.grad, w64.grad)):
         err = (got.double() - want).abs().max() / want.abs().max()
         assert err < 4e-3, f"{name}: error {err:.3g} of the largest entry"
+
+
+@pytest.mark.parametrize("ignore_index", [0, -1], ids=["ignore-0", "ignore-minus-1"])
+def test_custom_ignore_index_reaches_every_chunk(ignore_index):
+    """ignore_index other than -100 (0 is also a real token id: those targets are not counted),
+    over three chunks, so a chunk that fell back to the default -100 would count them."""
+    x, w, t = _lce_inputs((37,), 24, 97, torch.float32, torch.float32, seed=14)
+    t[[2, 20, 30, 36]] = ignore_index
+    with poisoned_outputs():
+        loss = linear_cross_entropy(x, w, t, ignore_index=ignore_index, chunk_size=16)
+        loss.backward()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference.linear_cross_entropy(x64, w64, t, ignore_index=ignore_index)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-7)

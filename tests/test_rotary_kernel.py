@@ -286,3 +286,17 @@ def test_llama_size_on_gpu():
         q, k = _qk(2, 33, 32, 8, 128, dtype, seed=8)
         cos, sin = _tables(40, 128, theta=500000.0)
         _run_and_compare(q, k, cos, sin, None, dtype)
+
+
+def test_position_ids_made_under_inference_mode_are_checked_every_call():
+    """Inference tensors have no version counter, so they are never taken as already checked."""
+    with torch.inference_mode():
+        args = _bad(position_ids=torch.arange(7).expand(2, 7).clone().to(DEVICE))
+        args["q"], args["k"] = args["q"].detach().clone(), args["k"].detach().clone()
+        qo, _ = apply_rotary(**args)
+        want, _ = reference.apply_rotary_qk(args["q"].double(), args["k"].double(), args["cos"].double(),
+                                            args["sin"].double(), args["position_ids"])
+        torch.testing.assert_close(qo.double(), want, rtol=1e-5, atol=1e-6)
+        args["position_ids"][0, 0] = 12
+        with pytest.raises(ValueError, match=r"position_ids must lie in \[0, 12\)"):
+            apply_rotary(**args)
