@@ -80,6 +80,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def add_device_arguments(group: argparse._ArgumentGroup) -> None:
+    """``--device`` and ``--threads``, which :func:`start_device` acts on."""
+    group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:1, cpu")
+    group.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs [torch's default]")
+
+
+def start_device(device: torch.device | str, threads: int | None) -> torch.device:
+    """Resolve the device, refuse CUDA when this torch build has none, apply ``--threads``."""
+    resolved = device if isinstance(device, torch.device) else resolve_device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this torch build ({torch.__version__}) sees no CUDA device")
+    if threads:
+        torch.set_num_threads(threads)
+    return resolved
+
+
 cpu_model = _hardware.cpu_model
 
 

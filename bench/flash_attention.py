@@ -65,9 +65,9 @@ import torch.nn.functional as F
 
 # ``python bench/flash_attention.py`` puts bench/ first on sys.path; common adds the checkout root.
 from common import (
-    DTYPE_ALIASES, DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m,
-    peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir, utc_now_iso,
-    utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
+    DTYPES, DTYPE_ALIASES, add_device_arguments, cpu_busy, environment, fmt, format_table, HelpFormatter,
+    load_avg_1m, peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir,
+    start_device, Timer, utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
@@ -111,8 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--seed", type=int, default=0, help="seed of the random q, k, v, dout")
 
     d = p.add_argument_group("device")
-    d.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:1, cpu")
-    d.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs [torch's default]")
+    add_device_arguments(d)
     d.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for pct_of_peak, every dtype [datasheet table for known GPUs; none on CPU]")
 
@@ -426,11 +425,7 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> bool:
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = args.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: this torch build ({torch.__version__}) sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = start_device(args.device, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)  # now, so an unwritable --out fails before the timing
     env = environment(device)
     timer = Timer.from_args(args, device)

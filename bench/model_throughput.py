@@ -74,8 +74,8 @@ except ImportError:  # running from a checkout without ``pip install -e .``
 
 # ``python bench/model_throughput.py`` puts bench/ first on sys.path, so this is bench/common.py.
 from common import (
-    DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m, peak_memory,
-    peak_tflops, pyplot, release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions,
+    DTYPES, cpu_busy, environment, fmt, format_table, HelpFormatter, load_avg_1m, peak_memory, peak_tflops,
+    pyplot, release, result_paths, results_dir, start_device, Timer, utc_now_iso, utc_stamp, versions,
     warn_if_cpu_busy, write_csv, write_json,
 )
 from llama_mini import PRESETS, ModelArgs, Transformer, attention_backends, attention_fallbacks, resolutions
@@ -420,11 +420,7 @@ def plot(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: this torch build ({torch.__version__}) sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = start_device(args.device, args.threads)
     # Fail on impossible shapes before any timing, with the override that fixes them.
     try:
         probe = ModelArgs.preset(args.preset, **args.overrides)

@@ -60,9 +60,9 @@ import torch
 
 # The op scripts run as ``python bench/<op>.py``, which puts bench/ first on sys.path.
 from common import (  # noqa: E402
-    DTYPE_ALIASES, DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m,
-    peak_memory, pyplot, release, resolve_device, result_paths, results_dir, utc_now_iso, utc_stamp, versions,
-    warn_if_cpu_busy, write_csv, write_json,
+    DTYPES, DTYPE_ALIASES, add_device_arguments, cpu_busy, environment, fmt, format_table, HelpFormatter,
+    load_avg_1m, peak_memory, pyplot, release, resolve_device, result_paths, results_dir, start_device, Timer,
+    utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
 import kernels  # noqa: E402
 from kernels.common import is_interpreting  # noqa: E402
@@ -244,8 +244,7 @@ def parse_args(op: Op, argv: list[str] | None = None) -> argparse.Namespace:
     op.add_arguments(s)
 
     d = p.add_argument_group("device")
-    d.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:1, cpu")
-    d.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs [torch's default]")
+    add_device_arguments(d)
 
     Timer.add_arguments(p)
 
@@ -622,11 +621,7 @@ def _plot_bars(plt, op: Op, meta: dict, ok: list[dict]):
 def run(op: Op, argv: list[str] | None = None) -> int:
     """The whole benchmark of ``op``: parse, sweep, write, print. Returns the exit status."""
     args = parse_args(op, argv)
-    device = args.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: this torch build ({torch.__version__}) sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = start_device(args.device, args.threads)
     args.out.mkdir(parents=True, exist_ok=True)  # now, so an unwritable --out fails before the timing
     env = environment(device)
     timer = Timer.from_args(args, device)

@@ -19,9 +19,10 @@ backend        ``ModelArgs.attn_backend``: eager, sdpa, triton, ... A name missi
                registered one that cannot run here falls back to sdpa inside the model, and the
                row's ``attn_used`` says so (the table marks it ``*``).
 fused          off: every ``ModelArgs`` op switch (``llama_mini.ops.IMPL_FIELDS``: norm, rope,
-               mlp, loss, linear loss) ``"torch"``; on: all ``"triton"``. If any op has no runnable "triton" implementation the row is
-               *skipped* with the reason (never silently run as something else). ``op_resolutions``
-               records what ran (``llama_mini.resolutions()``).
+               mlp, loss, linear loss) ``"torch"``; on: all ``"triton"``. If any op has no
+               runnable "triton" implementation the row is *skipped* with the reason (never
+               silently run as something else). ``op_resolutions`` records what ran
+               (``llama_mini.resolutions()``).
 checkpointing  ``ModelArgs.activation_checkpointing``.
 
 Figures per row: ms/step (median and min of the timed steps; at least ``--steps``, more when
@@ -97,9 +98,9 @@ except ImportError:  # running from a checkout without ``pip install -e .``
 
 # ``python bench/train_throughput.py`` puts bench/ first on sys.path: these are bench/ modules.
 from common import (
-    DTYPES, HelpFormatter, Timer, cpu_busy, environment, fmt, format_table, load_avg_1m, peak_memory, peak_tflops,
-    pyplot, release, resolve_device, result_paths, results_dir, synchronizer, utc_now_iso, utc_stamp, versions,
-    warn_if_cpu_busy, write_csv, write_json,
+    DTYPES, cpu_busy, environment, fmt, format_table, HelpFormatter, load_avg_1m, peak_memory, peak_tflops,
+    pyplot, release, resolve_device, result_paths, results_dir, start_device, synchronizer, Timer,
+    utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
 from llama_mini import PRESETS, ModelArgs, Transformer, attention_backends, attention_fallbacks, resolutions
 from llama_mini import ops as llama_ops
@@ -798,11 +799,7 @@ def plot(path: Path, meta: dict, rows: list[dict]) -> bool:
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = args.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device cuda: this torch build ({torch.__version__}) sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = start_device(args.device, args.threads)
     presets_meta = {}
     for preset in args.presets:
         try:
