@@ -46,6 +46,7 @@ errors        a CUDA out-of-memory error is a row with status ``oom``; any other
 
 from __future__ import annotations
 
+import abc
 import argparse
 import importlib
 import statistics
@@ -115,8 +116,9 @@ class Target:
         return ("PASS" if ok else "MISS"), f"{self.label}: {self.field} {value:.3g} {self.op} {self.bound:g}"
 
 
-class Op:
-    """One op's benchmark definition; subclasses fill in the class attributes and methods."""
+class Op(abc.ABC):
+    """One op's benchmark definition; subclasses fill in the class attributes and implement the
+    four abstract methods."""
     name = ""                  # script and results directory name
     title = ""                 # one line for the header and the plot
     doc = ""                   # the script's docstring (help text)
@@ -134,24 +136,25 @@ class Op:
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         """Options that do not depend on the device (e.g. eps)."""
 
+    @abc.abstractmethod
     def cases(self, args: argparse.Namespace) -> list[dict]:
         """The sweep from the parsed options; raise ValueError on bad values. Each case has a
         ``size`` label (e.g. "16384x4096") and the ``case_fields``."""
-        raise NotImplementedError
 
     def skip_case(self, case: dict, dtype: str) -> str | None:
         return None
 
+    @abc.abstractmethod
     def make_inputs(self, case: dict, dtype: torch.dtype, device: torch.device, args) -> Inputs:
-        raise NotImplementedError
+        """The op's input tensors for one case, in ``dtype`` on ``device``."""
 
+    @abc.abstractmethod
     def build(self, provider: str, case: dict, args) -> Callable:
         """fn(*inputs.args) -> tensor or tuple of tensors (the reference's outputs, in order)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def reference(self, case: dict, inputs: Inputs, args) -> tuple[torch.Tensor, ...]:
         """The op's outputs computed in float32 from the same inputs."""
-        raise NotImplementedError
 
     def pass_bytes(self, case: dict, dtype: torch.dtype) -> dict[str, int]:
         """Bytes each pass must move: {"fwd": .., "bwd": ..} (+ "fwd+bwd"; default their sum)."""
