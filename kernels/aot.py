@@ -39,12 +39,31 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["KernelSpec", "CompileReport", "SHARED_LIMIT", "MMA_INSTRUCTION", "check", "compile_spec", "tool"]
+__all__ = [
+    "KernelSpec", "CompileReport", "SHARED_LIMIT", "MMA_INSTRUCTION", "check", "compile_spec", "tool", "signature",
+]
 
 # Maximum shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # The tensor-core instruction each target's matrix products should use.
 MMA_INSTRUCTION = {80: "HMMA", 90: "HGMMA"}
+
+
+def signature(kernel: Any, types: dict[str, str], ints: Sequence[str] = ()) -> dict[str, str]:
+    """The Triton signature of ``kernel``'s parameters, in order: ``types[name]`` where given
+    (``"*bf16"``, ``"fp32"``, ``"constexpr"``, ...), ``"i32"`` for the names in ``ints`` and for
+    every other ``stride_*``, and ``"constexpr"`` for the rest (the block sizes and flags)."""
+    import inspect
+
+    sig = {}
+    for name in inspect.signature(getattr(kernel, "fn", kernel)).parameters:
+        if name in types:
+            sig[name] = types[name]
+        elif name in ints or name.startswith("stride_"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "constexpr"
+    return sig
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,10 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["is_interpreting", "check_device", "empty", "empty_like", "poisoned_outputs"]
+__all__ = ["TRITON_DTYPE", "is_interpreting", "check_device", "empty", "empty_like", "poisoned_outputs"]
+
+# Triton's names of the torch dtypes the kernels take (signatures, constexpr dtype switches).
+TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 _POISON: list[bool] = [False]
 

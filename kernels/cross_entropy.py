@@ -61,11 +61,10 @@ capped at :data:`INTERPRETER_BLOCK_V`, so small test vocabularies still cross se
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 
-from .common import check_device, empty, is_interpreting
+from .common import TRITON_DTYPE, check_device, empty, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -360,25 +359,11 @@ def cross_entropy(
 # Ahead-of-time compile specs (python -m kernels.aot kernels.cross_entropy)
 # --------------------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def _aot_signature(dtype: str) -> dict[str, str]:
-    sig = {}
-    for n in inspect.signature(getattr(_cross_entropy_fwd, "fn", _cross_entropy_fwd)).parameters:
-        if n in ("LOGITS", "GRAD"):
-            sig[n] = f"*{dtype}"
-        elif n == "TARGETS":
-            sig[n] = "*i64"
-        elif n in ("LOSS", "LSE"):
-            sig[n] = "*fp32"
-        elif n == "grad_scale":
-            sig[n] = "fp32"
-        elif n.startswith("stride_") or n in ("V", "ignore_index"):
-            sig[n] = "i32"
-        else:
-            sig[n] = "constexpr"
-    return sig
+    from .aot import signature
+
+    types = dict(LOGITS=f"*{dtype}", GRAD=f"*{dtype}", TARGETS="*i64", LOSS="*fp32", LSE="*fp32", grad_scale="fp32")
+    return signature(_cross_entropy_fwd, types, ints=("V", "ignore_index"))
 
 
 def aot_specs(arch: int = 90) -> list:
@@ -396,7 +381,7 @@ def aot_specs(arch: int = 90) -> list:
     for dtype, has_grad, V in [(torch.bfloat16, True, 32000), (torch.bfloat16, False, 32000),
                                (torch.bfloat16, True, 50257), (torch.float32, True, 32000),
                                (torch.bfloat16, True, 2000), (torch.bfloat16, True, 97)]:
-        dt = _TRITON_DTYPE[dtype]
+        dt = TRITON_DTYPE[dtype]
         sig = _aot_signature(dt)
         block_v, num_warps = block_config(V)
         divisible = [n for n in sig if sig[n].startswith("*")]
@@ -409,7 +394,7 @@ def aot_specs(arch: int = 90) -> list:
             label=f"ce {dt} {'grad' if has_grad else 'loss'} V={V:<5} B{block_v} w{num_warps}",
         ))
     for dtype in (torch.bfloat16, torch.float32):
-        dt = _TRITON_DTYPE[dtype]
+        dt = TRITON_DTYPE[dtype]
         specs.append(KernelSpec(
             module=__name__, kernel="_scale_inplace",
             signature={"G": f"*{dt}", "S": "*fp32", "numel": "i32", "BLOCK": "constexpr"},

@@ -92,13 +92,12 @@ several tiles.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .common import empty, empty_like, is_interpreting
+from .common import TRITON_DTYPE, empty, empty_like, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -861,26 +860,13 @@ AOT_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 # Document masking compiles a different kernel (every tile masked, a tile-skip branch); it is
 # checked at the head dims models use most, to keep the CI compile budget at a few minutes.
 AOT_DOC_HEAD_DIMS = (64, 128)
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def _aot_signature(kind: str, dtype: str, has_docs: bool) -> dict[str, str]:
-    names = list(inspect.signature(getattr(_KERNELS[kind], "fn", _KERNELS[kind])).parameters)
-    sig = {}
-    for n in names:
-        if n in ("LSE", "DELTA"):
-            sig[n] = "*fp32"
-        elif n == "DOC":
-            sig[n] = "*i64" if has_docs else f"*{dtype}"
-        elif n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            sig[n] = f"*{dtype}"
-        elif n in ("qk_scale", "sm_scale"):
-            sig[n] = "fp32"
-        elif n.startswith("stride_") or n in ("H", "N_REP", "T_Q", "T_K", "BUCKET_Q", "BUCKET_K"):
-            sig[n] = "i32"
-        else:
-            sig[n] = "constexpr"
-    return sig
+    from .aot import signature
+
+    types = {n: f"*{dtype}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    types.update(LSE="*fp32", DELTA="*fp32", DOC="*i64" if has_docs else f"*{dtype}", qk_scale="fp32",
+                 sm_scale="fp32")
+    return signature(_KERNELS[kind], types, ints=("H", "N_REP", "T_Q", "T_K", "BUCKET_Q", "BUCKET_K"))
 
 
 def aot_specs(arch: int = 90, head_dims=AOT_HEAD_DIMS, doc_head_dims=AOT_DOC_HEAD_DIMS,
@@ -894,17 +880,17 @@ def aot_specs(arch: int = 90, head_dims=AOT_HEAD_DIMS, doc_head_dims=AOT_DOC_HEA
     for head_dim in head_dims:
         block_d = block_d_for(head_dim)
         for dtype in dtypes:
-            sig = _aot_signature("pre", _TRITON_DTYPE[dtype], False)
+            sig = _aot_signature("pre", TRITON_DTYPE[dtype], False)
             specs.append(KernelSpec(
                 module=__name__, kernel=_KERNEL_NAMES["pre"], signature=sig,
                 constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=_PREPROCESS_BLOCK_M),
                 num_warps=4, num_stages=3, expect_mma=False,
                 divisible=tuple(n for n in sig if sig[n].startswith("*")),
-                label=f"pre  D={head_dim:<3} {_TRITON_DTYPE[dtype]} M{_PREPROCESS_BLOCK_M} w4 s3",
+                label=f"pre  D={head_dim:<3} {TRITON_DTYPE[dtype]} M{_PREPROCESS_BLOCK_M} w4 s3",
             ))
         tables = {"fwd": fwd_configs(block_d, arch), **bwd_configs(block_d, arch)}
         for dtype in dtypes:
-            dt = _TRITON_DTYPE[dtype]
+            dt = TRITON_DTYPE[dtype]
             for kind, table in tables.items():
                 for cfg in table:
                     for has_docs in (False, True) if head_dim in doc_head_dims else (False,):

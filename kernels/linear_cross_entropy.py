@@ -84,12 +84,11 @@ deterministic) would fill the GPU better. Not measured: this was written without
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 
-from .common import check_device, empty, empty_like, is_interpreting
+from .common import TRITON_DTYPE, check_device, empty, empty_like, is_interpreting
 from .cross_entropy import check_targets, cross_entropy_rows, scale_
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
@@ -113,7 +112,6 @@ __all__ = [
 INTERPRETER_TILES = (32, 32, 16)
 GROUP_M = 8
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +306,7 @@ def _launch_matmul(a, b, out, *, alpha: float, accumulate: bool, compute: torch.
         a, b, out, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         float(alpha),
-        ACCUMULATE=bool(accumulate), COMPUTE=_NAMES[compute], PRECISION=_precision(compute),
+        ACCUMULATE=bool(accumulate), COMPUTE=TRITON_DTYPE[compute], PRECISION=_precision(compute),
         GROUP_M=GROUP_M, **meta,
     )
 
@@ -523,23 +521,15 @@ _PATTERNS = {
 
 
 def _aot_spec(kind: str, x: str, w: str, cfg: GemmConfig, arch: int):
-    from .aot import KernelSpec
+    from .aot import KernelSpec, signature
 
     a, b, c, accumulate = {
         "logits": (x, w, "fp32", False), "dx": ("fp32", w, x, False), "dw": ("fp32", x, "fp32", True),
     }[kind]
     compute = x if w == "fp32" else w
     unit = _PATTERNS[kind]
-    sig = {}
-    for n in inspect.signature(getattr(_matmul, "fn", _matmul)).parameters:
-        if n in ("A", "B", "C"):
-            sig[n] = f"*{dict(A=a, B=b, C=c)[n]}"
-        elif n in ("M", "N", "K") or (n.startswith("stride_") and n not in unit):
-            sig[n] = "i32"
-        elif n == "alpha":
-            sig[n] = "fp32"
-        else:
-            sig[n] = "constexpr"
+    types = {"A": f"*{a}", "B": f"*{b}", "C": f"*{c}", "alpha": "fp32", **{n: "constexpr" for n in unit}}
+    sig = signature(_matmul, types, ints=("M", "N", "K"))
     constexprs = {n: 1 for n in unit}
     # fp32 products: IEEE, torch's default (allow_tf32 off), on the FMA units: no tensor cores
     precision = "ieee" if compute == "fp32" else "tf32"

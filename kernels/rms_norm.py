@@ -59,12 +59,11 @@ rounds bf16 stores wrongly). y and h are contiguous (..., C); rstd is fp32 (rows
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 
 import torch
 
-from .common import check_device, empty, is_interpreting
+from .common import TRITON_DTYPE, check_device, empty, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -464,26 +463,16 @@ def add_rms_norm(
 # Ahead-of-time compile specs (python -m kernels.aot kernels.rms_norm)
 # --------------------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _KERNELS = {"fwd": _rms_norm_fwd, "add": _add_rms_norm_fwd, "dot": _rms_norm_bwd_dot, "bwd": _rms_norm_bwd}
 _KERNEL_NAMES = {"fwd": "_rms_norm_fwd", "add": "_add_rms_norm_fwd", "dot": "_rms_norm_bwd_dot", "bwd": "_rms_norm_bwd"}
 
 
 def _aot_signature(kind: str, dtype: str) -> dict[str, str]:
-    kernel = _KERNELS[kind]
-    sig = {}
-    for n in inspect.signature(getattr(kernel, "fn", kernel)).parameters:
-        if n in ("RSTD", "DOT", "PARTIAL"):
-            sig[n] = "*fp32"
-        elif n in ("X", "R", "W", "Y", "H", "DY", "DH", "DX"):
-            sig[n] = f"*{dtype}"
-        elif n == "eps":
-            sig[n] = "fp32"
-        elif n.startswith("stride_") or n in ("N", "C"):
-            sig[n] = "i32"
-        else:
-            sig[n] = "constexpr"
-    return sig
+    from .aot import signature
+
+    types = {n: f"*{dtype}" for n in ("X", "R", "W", "Y", "H", "DY", "DH", "DX")}
+    types.update(RSTD="*fp32", DOT="*fp32", PARTIAL="*fp32", eps="fp32")
+    return signature(_KERNELS[kind], types, ints=("N", "C"))
 
 
 def aot_specs(arch: int = 90) -> list:
@@ -509,7 +498,7 @@ def aot_specs(arch: int = 90) -> list:
     specs = []
     for kind, C, dtype, has_dh in cases:
         block, warps, wide = _config(C, MAX_BLOCK_C)
-        dt = _TRITON_DTYPE[dtype]
+        dt = TRITON_DTYPE[dtype]
         sig = _aot_signature(kind, dt)
         constexprs = {"BLOCK_C": block}
         if kind != "dot":

@@ -49,7 +49,7 @@ import weakref
 
 import torch
 
-from .common import check_device, empty, is_interpreting
+from .common import TRITON_DTYPE, check_device, empty, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import next_power_of_2  # noqa: E402
@@ -283,13 +283,12 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 # Ahead-of-time compile specs (python -m kernels.aot kernels.rotary)
 # --------------------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _aot_spec(head_dim: int, n_heads: int, dtype: torch.dtype, has_pos: bool):
     from .aot import KernelSpec
 
-    dt = _TRITON_DTYPE[dtype]
+    dt = TRITON_DTYPE[dtype]
     block_h, block_d, num_warps = rotary_config(n_heads, head_dim, interpreting=False)
     sig = {n: f"*{dt}" for n in ("Q", "K", "QO", "KO")}
     sig.update(COS="*fp32", SIN="*fp32", POS="*i64" if has_pos else f"*{dt}")

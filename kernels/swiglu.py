@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_device, empty, is_interpreting
+from .common import TRITON_DTYPE, check_device, empty, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -196,13 +196,12 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # Ahead-of-time compile specs (python -m kernels.aot kernels.swiglu)
 # --------------------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _aot_spec(kind: str, hidden: int, dtype: torch.dtype):
     from .aot import KernelSpec
 
-    dt = _TRITON_DTYPE[dtype]
+    dt = TRITON_DTYPE[dtype]
     block, num_warps = swiglu_config(hidden, interpreting=False)
     ptrs = ("A", "B", "Y") if kind == "fwd" else ("A", "B", "DY", "DA", "DB")
     strides = [f"stride_{p.lower()}" for p in ptrs]
