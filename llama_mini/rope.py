@@ -121,19 +121,3 @@ class RotaryEmbedding:
             positions = torch.arange(self.max_seq_len, device=device)
             self._tables[key] = rope_cos_sin(positions, self.freqs, dtype)
         return self._tables[key]
-
-    def __call__(
-        self,
-        device: torch.device,
-        start_pos: int,
-        seq_len: int,
-        position_ids: torch.Tensor | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (T, D/2) for positions start_pos.., or (B, T, D/2) when explicit
-        position_ids (B, T) are given (positions restarting per packed document). ``dtype`` is
-        the activations' dtype: float64 gets float64 tables, everything else fp32."""
-        cos, sin = self.table(device, dtype)
-        if position_ids is None:
-            return cos[start_pos : start_pos + seq_len], sin[start_pos : start_pos + seq_len]
-        return cos[position_ids], sin[position_ids]

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from kernels import reference
 from llama_mini import ModelArgs, RopeScaling
 from llama_mini.rope import (
     RotaryEmbedding,
@@ -53,14 +54,22 @@ def test_rope_preserves_norms_and_relative_positions():
 
 
 def test_position_ids_pick_table_rows():
+    """The rope op reads row position_ids[b, t] of the whole tables: a document that restarts at
+    position 0 is rotated as if it stood alone, and an offset row as if sliced at its start."""
     args = ModelArgs.preset("debug")
-    rope = RotaryEmbedding(args)
+    cos, sin = RotaryEmbedding(args).table(torch.device("cpu"))
+    assert cos.shape == (args.max_seq_len, args.head_dim // 2)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, args.n_heads, args.head_dim, generator=g)
+    k = torch.randn(2, 5, args.n_kv_heads, args.head_dim, generator=g)
     pos = torch.tensor([[0, 1, 2, 0, 1], [4, 5, 6, 7, 8]])
-    cos, sin = rope(torch.device("cpu"), 0, 5, pos)
-    assert cos.shape == (2, 5, args.head_dim // 2)
-    full_cos, _ = rope(torch.device("cpu"), 0, 9)
-    torch.testing.assert_close(cos[0, 3], full_cos[0])
-    torch.testing.assert_close(cos[1], full_cos[4:9])
+    qr, kr = reference.apply_rotary_qk(q, k, cos, sin, pos)
+    second_doc = reference.apply_rotary_qk(q[:1, 3:], k[:1, 3:], cos, sin)  # rows 0, 1
+    torch.testing.assert_close(qr[:1, 3:], second_doc[0])
+    torch.testing.assert_close(kr[:1, 3:], second_doc[1])
+    offset = reference.apply_rotary_qk(q[1:], k[1:], cos[4:], sin[4:])  # rows 4..8
+    torch.testing.assert_close(qr[1:], offset[0])
+    torch.testing.assert_close(kr[1:], offset[1])
 
 
 def _hf_inv_freq(rope_parameters, head_dim, max_pos):
