@@ -72,5 +72,5 @@ def test_installed_distribution_declares_the_requirements():
 def test_readme_test_command_is_what_ci_runs():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
-    command = "TRITON_INTERPRET=1 python -m pytest tests -q -n auto"
+    command = "TRITON_INTERPRET=1 python -m pytest tests -q -n auto --dist loadfile"
     assert command in readme and command in ci
