@@ -1,0 +1,337 @@
+"""Shared pieces of the experiment scripts (``seq_len_ablation``, ``sweep``, ``epoch_frenzy``,
+``context_length``): fixed inputs, a small deterministic training loop, and the report folder.
+
+Not a runnable script; a script in ``bench/`` imports it with ``from experiment import ...``.
+
+inputs    ``first_documents(source, n, tokenizer)``: the first ``n`` documents of a source, in
+          file order, tokenized (``[BOS] + text`` -> ``text + [EOS]``); ``batches_of(examples,
+          policy, max_len, batch_size)``: every batch a policy makes of them, plus its counts;
+          ``eval_batches``: fixed validation batches (``impute``: full windows, no padding).
+training  ``build_model(args, seed, device)`` (weights depend on the seed only) and ``fit``: AdamW
+          on the batches given, one optimizer step per batch, until a step count, a budget of
+          counted target tokens, or the data runs out. It records per step the loss, the counted
+          targets n (targets != ignore_index), the positions (B * T, padding included), the
+          cumulative tokens seen (sum of n) and the learning rate, and evaluates at chosen
+          token counts. Everything is seeded, so two runs of a script give the same numbers on
+          the same machine and torch build.
+report    ``Report(out_dir)``: ``report.md`` (Markdown tables and figures), ``results.json`` /
+          ``results.csv`` (metadata: device, versions, date, configuration) and PNG figures;
+          ``markdown_table``; ``plot_curves`` (one axis per group of labelled curves).
+
+The loss ``fit`` records is the model's mean cross-entropy over the counted targets of a batch;
+curves against tokens seen put runs with different padding or sequence lengths on one axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from common import environment, pyplot, utc_now_iso, versions, write_csv, write_json
+
+from data import PileReader, build_policy
+from data.tokenized import tokenize_document
+from llama_mini import ModelArgs, Transformer
+from llama_mini.parallel import init_weights
+from llama_mini.training.evaluate import evaluate_loss
+from llama_mini.training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
+
+__all__ = [
+    "first_documents", "batches_of", "eval_batches", "validation_batches", "build_model", "FitConfig", "FitResult", "fit",
+    "Report", "markdown_table", "plot_curves", "say", "config_dict", "timed",
+]
+
+
+def say(tag: str, message: str) -> None:
+    """A progress line on stderr, flushed (tables and reports go to stdout and files)."""
+    print(f"[{tag}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def first_documents(source: Any, n: int, tokenizer: Any) -> list[dict]:
+    """The first ``n`` documents of ``source`` (a shard, glob, directory or URL), in order,
+    tokenized. Raises ``ValueError`` naming the source when it holds fewer than ``n``."""
+    if n < 1:
+        raise ValueError(f"the number of documents must be >= 1, got {n}")
+    reader = PileReader(source, max_documents=n, keep_meta=True, shuffle=False, rank=0, world_size=1)
+    examples = [tokenize_document(tokenizer, doc) for doc in itertools.islice(reader, n)]
+    if len(examples) < n:
+        raise ValueError(f"{source}: asked for the first {n} documents, but it holds only {len(examples)}")
+    return examples
+
+
+def batches_of(examples: Sequence[dict], policy: str, max_len: int | None, batch_size: int, *,
+               pad_id: int, ignore_index: int = -100, **options: Any) -> tuple[list[dict], Any]:
+    """Every batch ``policy`` makes of ``examples`` (in order, last batch kept) and the policy,
+    whose ``counts`` and resolved ``max_len`` describe them."""
+    kwargs = dict(pad_id=pad_id, ignore_index=ignore_index, **options)
+    if max_len is not None:
+        kwargs["max_len"] = max_len
+    pol = build_policy(policy, **kwargs)
+    return list(pol.batches(examples, batch_size)), pol
+
+
+def validation_batches(source: Any, tokenizer: Any, max_len: int, batch_size: int, n_batches: int, *,
+                       ignore_index: int = -100) -> list[dict]:
+    """The first ``n_batches`` batches of full ``max_len`` windows of ``source``'s documents, read
+    in file order (``impute``: no padding, every position a counted target)."""
+    from data import DataPipeline
+
+    pipe = DataPipeline.build(source, tokenizer, policy="impute", max_len=max_len, batch_size=batch_size,
+                              ignore_index=ignore_index, shuffle=False, rank=0, world_size=1)
+    out = [b for b in itertools.islice(pipe, n_batches) if b["input_ids"].shape[0] == batch_size]
+    if not out:
+        raise ValueError(f"{source}: fewer than {batch_size * max_len} tokens, not one validation batch of "
+                         f"{batch_size} x {max_len}; use more data, a smaller batch or a shorter length")
+    return out
+
+
+def eval_batches(examples: Sequence[dict], max_len: int, batch_size: int, n_batches: int, *, pad_id: int,
+                 ignore_index: int = -100, where: str = "validation data") -> list[dict]:
+    """The first ``n_batches`` batches of full ``max_len`` windows of ``examples`` (``impute``)."""
+    batches, _ = batches_of(examples, "impute", max_len, batch_size, pad_id=pad_id, ignore_index=ignore_index)
+    full = [b for b in batches if b["input_ids"].shape[0] == batch_size][:n_batches]
+    if not full:
+        raise ValueError(f"{where} holds fewer than {batch_size * max_len} tokens: not one batch of "
+                         f"{batch_size} x {max_len}; use more documents, a smaller batch or a shorter length")
+    return full
+
+
+# ---- training -------------------------------------------------------------------------------
+
+def build_model(args: ModelArgs, seed: int, device: torch.device | str) -> Transformer:
+    """A fresh model whose weights depend on ``seed`` only (``llama_mini.parallel.init_weights``)."""
+    model = Transformer(args)
+    init_weights(model, seed)
+    return model.to(device)
+
+
+@dataclass
+class FitConfig:
+    """AdamW and the learning-rate schedule of ``fit`` (``llama_mini.training.optim``)."""
+
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 10  # linear warmup from lr/warmup to lr
+    decay: str = "constant"  # after warmup: constant | cosine | linear (over total_steps)
+    min_lr_ratio: float = 0.1  # floor of cosine/linear decay, as a fraction of lr
+    weight_decay: float = 0.1  # on matrices only
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 = none
+    seed: int = 0  # weight init and any dropout-free randomness
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` saw: per-step records, evaluations, why it stopped and the time it took."""
+
+    steps: list[dict] = field(default_factory=list)  # step, loss, tokens, positions, tokens_seen, lr
+    evals: list[dict] = field(default_factory=list)  # step, tokens_seen, val_loss
+    stopped: str = ""  # "steps", "budget" or "data"
+    seconds: float = 0.0
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.steps[-1]["tokens_seen"] if self.steps else 0
+
+    def mean_loss(self, first: int | None = None) -> float | None:
+        """Token-weighted mean training loss over the first ``first`` steps (all when None)."""
+        rows = self.steps if first is None else self.steps[:first]
+        n = sum(r["tokens"] for r in rows)
+        return sum(r["loss"] * r["tokens"] for r in rows) / n if n else None
+
+    def val_at(self, tokens: int) -> dict | None:
+        """The first evaluation made once ``tokens`` counted targets were seen (``fit`` evaluates
+        right after the step that crosses each of its ``eval_at_tokens``), or None if the run
+        never got there."""
+        return next((e for e in self.evals if e["tokens_seen"] >= tokens), None)
+
+
+def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_steps: int | None = None,
+        token_budget: int | None = None, total_steps: int | None = None,
+        val_batches: Sequence[dict] | None = None, eval_at_tokens: Sequence[int] = (),
+        eval_every_steps: int = 0, device: torch.device | str = "cpu", tag: str = "fit",
+        log_every_s: float = 30.0) -> FitResult:
+    """Train ``model`` on ``batches``: one AdamW step per batch.
+
+    Stops after ``max_steps`` steps, once ``token_budget`` counted targets were seen (the step
+    that crosses it is the last), or when ``batches`` ends; ``FitResult.stopped`` says which.
+    ``total_steps`` sets the length of a cosine/linear decay (default: ``max_steps``).
+    Validation (token-weighted mean loss over ``val_batches``) runs before the first step, after
+    the step that first reaches each of ``eval_at_tokens``, every ``eval_every_steps`` steps,
+    and after the last step. A progress line goes to stderr every ``log_every_s`` seconds.
+    """
+    if max_steps is None and token_budget is None:
+        raise ValueError("fit needs max_steps or token_budget (or both)")
+    decay_steps = total_steps or max_steps or 1
+    if cfg.decay != "constant" and not (total_steps or max_steps):
+        raise ValueError(f"decay {cfg.decay!r} needs total_steps or max_steps")
+    device = torch.device(device)
+    ignore = model.args.ignore_index
+    opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.named_parameters())
+    pending = sorted(set(int(t) for t in eval_at_tokens))
+    result = FitResult()
+    torch.manual_seed(cfg.seed)
+
+    def evaluate(step: int, seen: int) -> None:
+        if val_batches:
+            loss = evaluate_loss(model, val_batches, device=device)["loss"]
+            result.evals.append({"step": step, "tokens_seen": seen, "val_loss": loss})
+
+    start = last_log = time.perf_counter()
+    evaluate(0, 0)
+    seen, step = 0, 0
+    model.train()
+    result.stopped = "data"
+    for batch in batches:
+        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps,
+                   total_steps=decay_steps, decay=cfg.decay)
+        set_lr(opt, lr)
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "target_ids", "position_ids",
+                                                                      "document_ids") and v is not None}
+        n = int((inputs["target_ids"] != ignore).sum())
+        if n == 0:  # an all-padding batch has no loss (mean over nothing); the policy never makes one
+            raise ValueError(f"{tag}: batch {step} has no counted target token")
+        loss = model(inputs.pop("input_ids"), inputs.pop("target_ids"), **inputs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        seen += n
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{tag}: the loss became {value} at step {step}")
+        result.steps.append({"step": step, "loss": value, "tokens": n, "positions": batch["input_ids"].numel(),
+                             "tokens_seen": seen, "lr": lr})
+        crossed = bool(pending) and seen >= pending[0]
+        while pending and seen >= pending[0]:
+            pending.pop(0)
+        if crossed or (eval_every_steps and step % eval_every_steps == 0):
+            evaluate(step, seen)
+        now = time.perf_counter()
+        if now - last_log >= log_every_s:
+            say(tag, f"step {step}  loss {value:.4f}  tokens {seen:,}  ({now - start:.0f}s)")
+            last_log = now
+        if max_steps is not None and step >= max_steps:
+            result.stopped = "steps"
+            break
+        if token_budget is not None and seen >= token_budget:
+            result.stopped = "budget"
+            break
+    if not result.evals or result.evals[-1]["step"] != step:
+        evaluate(step, seen)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[bool] | None = None) -> str:
+    """A GitHub Markdown table; ``right[i]`` right-aligns column i (default: all but the first)."""
+    right = list(right) if right is not None else [i > 0 for i in range(len(header))]
+    rule = ["---:" if r else "---" for r in right]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join("-" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *,
+                xlabel: str | Sequence[str], ylabel: str, title: str = "", logx: bool = False, ncols: int = 2) -> bool:
+    """One axis per panel, one labelled line per curve (x, y); False when matplotlib is missing.
+    ``xlabel`` is one label for every panel or one per panel."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.2 * nrows), squeeze=False)
+    xlabels = [xlabel] * len(panels) if isinstance(xlabel, str) else list(xlabel)
+    for ax, xl, (name, curves) in zip(axes.flat, xlabels, panels.items()):
+        for label, (xs, ys) in curves.items():
+            ax.plot(xs, ys, label=label, linewidth=1.2, marker="." if len(xs) <= 20 else None)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(ylabel)
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+class Report:
+    """An experiment's output folder: ``report.md``, ``results.json``, ``results.csv``, PNGs."""
+
+    def __init__(self, out_dir: Path | str, title: str, device: torch.device, config: dict[str, Any]) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.title = title
+        self.meta: dict[str, Any] = {"date": utc_now_iso(), **versions(), "environment": environment(device),
+                                     "config": config}
+        self.meta["device_name"] = self.meta["environment"].get("device_name")
+        self.sections: list[str] = []
+        self.figures: list[str] = []
+
+    def add(self, text: str) -> None:
+        """Append a Markdown block (a heading, a paragraph, a table)."""
+        self.sections.append(text.strip("\n"))
+
+    def figure(self, name: str, caption: str, draw: Callable[[Path], bool]) -> None:
+        """Draw ``name`` (a PNG file name) with ``draw(path)`` and reference it in the report."""
+        path = self.out / name
+        if draw(path):
+            self.figures.append(name)
+            self.add(f"![{caption}]({name})\n\n*{caption}*")
+        else:
+            self.add(f"*{caption}: not drawn (matplotlib is not installed).*")
+
+    def machine(self) -> str:
+        env = self.meta["environment"]
+        return (f"{env.get('device_name')} ({env.get('device_type')}, {env.get('cpu_count')} CPUs, "
+                f"{env.get('torch_threads')} torch threads), torch {self.meta['torch']}, "
+                f"python {self.meta['python']}, {self.meta['date']}")
+
+    def write(self, rows: list[dict[str, Any]], fields: Sequence[str], extra: dict[str, Any] | None = None) -> Path:
+        """Write ``results.json`` (metadata, rows, ``extra``), ``results.csv`` and ``report.md``."""
+        meta = dict(self.meta, **(extra or {}))
+        write_json(self.out / "results.json", meta, rows)
+        write_csv(self.out / "results.csv", meta, rows, fields, meta_keys=("date", "device_name", "torch", "python",
+                                                                             "config"))
+        head = f"# {self.title}\n\nMachine: {self.machine()}.\n\nConfiguration:\n\n```json\n" \
+               f"{json.dumps(self.meta['config'], indent=1, default=str)}\n```"
+        path = self.out / "report.md"
+        path.write_text("\n\n".join([head] + self.sections) + "\n", encoding="utf-8")
+        return path
+
+
+def config_dict(args: Any) -> dict[str, Any]:
+    """An argparse namespace or dataclass as a JSON-friendly dict (for the report's metadata)."""
+    d = asdict(args) if hasattr(args, "__dataclass_fields__") else dict(vars(args))
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+@contextlib.contextmanager
+def timed(tag: str, what: str) -> Iterator[None]:
+    """Say ``what`` on stderr and, when the block ends, how long it took."""
+    say(tag, what + " ...")
+    start = time.perf_counter()
+    yield
+    say(tag, f"{what}: done in {time.perf_counter() - start:.1f}s")
