@@ -5,6 +5,8 @@ works because ``python bench/<script>.py`` puts ``bench/`` first on ``sys.path``
 torch and ``llama_mini.hardware`` (this checkout's; triton is optional), so kernel
 microbenchmarks and end-to-end benchmarks can share it. What it offers:
 
+errors        ``is_oom(e)``: an out-of-memory error (allocator or cuBLAS workspace).
+options       ``parse_overrides``: ``FIELD=VALUE`` items to a dict of Python literals.
 environment   ``resolve_device`` (``auto`` -> cuda if available, else cpu), ``environment`` (device
               type and name, CPU model and count, torch threads, platform, load average, CUDA
               properties), ``versions`` (torch, triton, python), ``utc_now_iso`` / ``utc_stamp``
@@ -27,6 +29,7 @@ output        ``results_dir(script)`` (``bench/results/<script>/``), ``result_pa
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import datetime as _dt
 import gc
@@ -74,6 +77,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 # ---------------------------------------------------------------------------- environment
+def is_oom(e: BaseException) -> bool:
+    """The allocator raises OutOfMemoryError; cuBLAS/cuDNN workspaces fail with a RuntimeError."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["dim=256", "norm_impl=torch"]`` -> ``{"dim": 256, "norm_impl": "torch"}``: each value a Python
+    literal where it parses as one, else the bare string. ``ValueError`` names a malformed item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--override expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value  # a bare string such as norm_impl=torch
+    return out
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 # ``python bench/flash_attention.py`` puts bench/ first on sys.path; common adds the checkout root.
 from common import (
     DTYPES, DTYPE_ALIASES, add_device_arguments, cpu_busy, environment, fmt, format_table, HelpFormatter,
-    load_avg_1m, peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir,
+    is_oom, load_avg_1m, peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir,
     start_device, Timer, utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
 import kernels  # noqa: E402
@@ -246,15 +246,11 @@ def build_provider(provider: str, q, k, v, causal: bool) -> tuple[Callable, str]
             sdpa_flash(q, k, v)
             return sdpa_flash, "flash"
         except RuntimeError as e:
-            if _is_oom(e):
+            if is_oom(e):
                 raise
             why = next((str(w.message) for w in caught), str(e)).splitlines()[0][:160]
     return sdpa, f"{_sdpa_choice(q, k, v, causal, gqa)} (flash refused: {why})"
 
-
-def _is_oom(e: BaseException) -> bool:
-    """The allocator raises OutOfMemoryError; cuBLAS/cuDNN workspaces fail with a RuntimeError."""
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
 def time_mode(fn: Callable, q, k, v, mode: str, timer: Timer, device: torch.device) -> dict[str, Any]:
@@ -343,7 +339,7 @@ def run_config(args, timer: Timer, cfg: dict[str, Any], ceilings: dict[str, floa
 
 def _failure(e: BaseException) -> dict[str, str]:
     """Row fields for an exception: status oom with the reason, or failed with the error (and traceback)."""
-    oom = _is_oom(e)
+    oom = is_oom(e)
     if not oom:
         traceback.print_exception(e, file=sys.stderr)
     msg = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]

@@ -54,7 +54,6 @@ table, the text table and the JSON/CSV writers) live in ``bench/common.py``.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import importlib
 import statistics
@@ -75,7 +74,7 @@ except ImportError:  # running from a checkout without ``pip install -e .``
 # ``python bench/model_throughput.py`` puts bench/ first on sys.path, so this is bench/common.py.
 from common import (
     DTYPES, cpu_busy, environment, fmt, format_table, HelpFormatter, load_avg_1m, peak_memory, peak_tflops,
-    pyplot, release, result_paths, results_dir, start_device, Timer, utc_now_iso, utc_stamp, versions,
+    parse_overrides, pyplot, release, result_paths, results_dir, start_device, Timer, utc_now_iso, utc_stamp, versions,
     warn_if_cpu_busy, write_csv, write_json,
 )
 from llama_mini import PRESETS, ModelArgs, Transformer, attention_backends, attention_fallbacks, resolutions
@@ -197,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.phases or any(ph not in ("train", "inference") for ph in args.phases):
         p.error(f"--phases takes train, inference or train,inference; got {args.phases}")
     try:
-        args.overrides = _parse_overrides(args.override)
+        args.overrides = parse_overrides(args.override)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -205,19 +204,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _split(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--override expects FIELD=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value  # a bare string such as norm_impl=torch
-    return out
 
 
 # ---------------------------------------------------------------------------- configs
@@ -237,8 +223,11 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _fallback(backend: str, device: torch.device) -> str:
-    why = attention_fallbacks().get(f"{backend}@{device.type}")
+def attn_used(backend: str, device: torch.device) -> str:
+    """``backend``, or ``"sdpa (fallback: why)"`` when the model ran sdpa instead: a fallback is
+    recorded per device (``triton@cuda``) or per input (``triton@cuda/float32/D=256``)."""
+    where = f"{backend}@{device.type}"
+    why = next((w for k, w in attention_fallbacks().items() if k == where or k.startswith(where + "/")), None)
     return f"sdpa (fallback: {why})" if why else backend
 
 
@@ -280,7 +269,7 @@ def run_train(args, device, timer, backend: str, checkpointing: bool, ceiling: f
     fpt = model.flops_per_token(T)
     tflops = fields["tokens_per_s"] * fpt / 1e12
     row = _row(
-        "train", backend, attn_used=_fallback(backend, device), checkpointing="on" if checkpointing else "off",
+        "train", backend, attn_used=attn_used(backend, device), checkpointing="on" if checkpointing else "off",
         batch_size=B, seq_len=T, flops_per_token=fpt, tflops=tflops, peak_tflops=ceiling,
         mfu=tflops / ceiling if ceiling else None, peak_mem_mib=mem, peak_mem_note=mem_note, loss=losses[0],
         **fields,
@@ -315,7 +304,7 @@ def run_inference(args, device, timer, backend: str) -> list[dict[str, Any]]:
         fields = _timing_fields(times, how, tokens)
         extra = {"ms_per_decode_step": fields["median_ms"] / N} if phase == "decode" else {}
         rows.append(_row(
-            phase, backend, attn_used=_fallback(backend, device), checkpointing="n/a", batch_size=B,
+            phase, backend, attn_used=attn_used(backend, device), checkpointing="n/a", batch_size=B,
             seq_len=ctx, prompt_len=P, decode_tokens=N if phase == "decode" else 0,
             peak_mem_mib=mem, peak_mem_note=mem_note, **extra, **fields,
         ))

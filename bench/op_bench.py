@@ -62,7 +62,7 @@ import torch
 # The op scripts run as ``python bench/<op>.py``, which puts bench/ first on sys.path.
 from common import (  # noqa: E402
     DTYPES, DTYPE_ALIASES, add_device_arguments, cpu_busy, environment, fmt, format_table, HelpFormatter,
-    load_avg_1m, peak_memory, pyplot, release, resolve_device, result_paths, results_dir, start_device, Timer,
+    is_oom, load_avg_1m, peak_memory, pyplot, release, resolve_device, result_paths, results_dir, start_device, Timer,
     utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
 import kernels  # noqa: E402
@@ -282,17 +282,13 @@ def parse_args(op: Op, argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- measuring
-def _is_oom(e: BaseException) -> bool:
-    """The allocator raises OutOfMemoryError; cuBLAS workspaces fail with a RuntimeError."""
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
-
 
 def _failure(e: BaseException) -> dict[str, str]:
     """Row fields for an exception: skipped / oom with the reason, or failed with the error."""
     msg = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
     if isinstance(e, Skip):
         return {"status": "skipped", "reason": str(e)}
-    if _is_oom(e):
+    if is_oom(e):
         return {"status": "oom", "reason": msg}
     traceback.print_exception(e, file=sys.stderr)
     return {"status": "failed", "error": msg}

@@ -98,13 +98,13 @@ except ImportError:  # running from a checkout without ``pip install -e .``
 
 # ``python bench/train_throughput.py`` puts bench/ first on sys.path: these are bench/ modules.
 from common import (
-    DTYPES, cpu_busy, environment, fmt, format_table, HelpFormatter, load_avg_1m, peak_memory, peak_tflops,
-    pyplot, release, resolve_device, result_paths, results_dir, start_device, synchronizer, Timer,
+    DTYPES, cpu_busy, environment, fmt, format_table, HelpFormatter, is_oom, load_avg_1m, peak_memory, peak_tflops,
+    parse_overrides, pyplot, release, resolve_device, result_paths, results_dir, start_device, synchronizer, Timer,
     utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
 from llama_mini import PRESETS, ModelArgs, Transformer, attention_backends, attention_fallbacks, resolutions
 from llama_mini import ops as llama_ops
-from model_throughput import _autocast, _fallback, _parse_overrides, _split
+from model_throughput import _autocast, _split, attn_used
 
 DEFAULT_OUT = results_dir("train_throughput")
 PLAIN = "plain-pytorch"
@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, flag, values)
     try:
         args.memory_probe_batches = sorted({int(x) for x in _split(args.memory_probe_batches)})
-        args.overrides = _parse_overrides(args.override)
+        args.overrides = parse_overrides(args.override)
     except ValueError as e:
         p.error(str(e))
     if len(args.memory_probe_batches) < 2 or args.memory_probe_batches[0] < 1:
@@ -468,7 +468,7 @@ def run_ours(args, device, preset: str, backend: str, fused: str, ckpt: str, cei
                   rep_ms=args.rep_ms)
     times, how = timer(step)
     _fill(row, times, how, model.flops_per_token(args.seq_len), ceiling, n_params(model), args)
-    row.update(attn_used=_fallback(backend, device), op_resolutions=used_ops(fused, device), loss=step.loss,
+    row.update(attn_used=attn_used(backend, device), op_resolutions=used_ops(fused, device), loss=step.loss,
                peak_mem_mib=mem, peak_mem_note=note)
     return row
 
@@ -508,7 +508,7 @@ def run_comparison(args, device, preset: str, ceiling) -> tuple[list[dict], dict
                              "gradients and AdamW state included)"
         row.update(loss=steps[i].loss, peak_mem_mib=warm[i][1], peak_mem_note=note)
         if i == 0:
-            row.update(attn_used=_fallback("sdpa", device), op_resolutions=used_ops("off", device))
+            row.update(attn_used=attn_used("sdpa", device), op_resolutions=used_ops("off", device))
         else:
             row.update(attn_used="F.scaled_dot_product_attention(is_causal=True)",
                        op_resolutions="plain PyTorch: RMSNorm, complex RoPE, SwiGLU, F.cross_entropy")
@@ -618,7 +618,7 @@ def max_batch_cpu(args, device, preset: str, backend: str, fused: str, ckpt: str
         checks.append(f"B={batch}: measured {(persistent + measured) / mib:.1f} MiB, predicted "
                       f"{(persistent + predicted) / mib:.1f} MiB ({predicted / max(measured, 1) - 1:+.2%} of the step)")
     row.update(
-        max_batch=best, attn_used=_fallback(backend, device),
+        max_batch=best, attn_used=attn_used(backend, device),
         max_batch_method=f"estimate from measured per-step allocation (torch.profiler profile_memory), "
                          f"{fitted} fitted as C + D * batch; not an OOM search",
         persistent_mib=persistent / mib, fixed_mib=(persistent + C[at]) / mib, per_sample_mib=D[at] / mib,
@@ -627,10 +627,6 @@ def max_batch_cpu(args, device, preset: str, backend: str, fused: str, ckpt: str
     )
     return row
 
-
-def _is_oom(e: BaseException) -> bool:
-    """The allocator raises OutOfMemoryError; cuBLAS/cuDNN workspaces fail with a RuntimeError."""
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
 
 
 def max_batch_cuda(args, device, preset: str, backend: str, fused: str, ckpt: str) -> dict:
@@ -647,7 +643,7 @@ def max_batch_cuda(args, device, preset: str, backend: str, fused: str, ckpt: st
             step()
             torch.cuda.synchronize(device)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-            if not _is_oom(e):
+            if not is_oom(e):
                 raise
             ok = False  # the exception (and the frames holding the step's tensors) is gone after this block
         step.tokens = step.targets = None
@@ -669,7 +665,7 @@ def max_batch_cuda(args, device, preset: str, backend: str, fused: str, ckpt: st
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    row.update(max_batch=lo, max_batch_capped=hi is None, attn_used=_fallback(backend, device),
+    row.update(max_batch=lo, max_batch_capped=hi is None, attn_used=attn_used(backend, device),
                max_batch_method=f"OOM search (doubling, then bisection; fits = 2 training steps complete; "
                                 f"limit {args.max_batch_limit})",
                probe=" ".join(log))
@@ -856,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
                 search = max_batch_cuda if device.type == "cuda" else max_batch_cpu
                 new = [search(args, device, preset, backend, fused, ckpt)]
         except Exception as e:  # record and go on; an OOM on a GPU is a result, not a failure
-            oom = _is_oom(e)
+            oom = is_oom(e)
             if not oom:
                 traceback.print_exc(file=sys.stderr)
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if oom else e}"

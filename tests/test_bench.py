@@ -84,3 +84,28 @@ def test_loader_bench_tiny_shard_writes_results(tmp_path):
     assert "reader+tokenizer" in proc.stdout and "% of limit" in proc.stdout
     if __import__("importlib").util.find_spec("matplotlib"):
         assert (out / "tiny.png").exists(), "plot not written"
+
+
+def test_attn_used_sees_per_device_and_per_input_fallbacks(monkeypatch):
+    """A row names the backend that really ran: triton falls back per device (``triton@cpu``) or
+    per input (``triton@cuda/float32/D=256``), and either must turn the row into sdpa."""
+    import torch
+
+    from llama_mini import attention
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import model_throughput as mt
+    from common import is_oom, parse_overrides
+
+    monkeypatch.setattr(attention, "_FALLBACKS", {})
+    cuda = torch.device("cuda")
+    assert mt.attn_used("triton", cuda) == "triton"
+    attention._FALLBACKS[("triton", "cuda/float32/D=256")] = "head dim 256 > 128"
+    assert mt.attn_used("triton", cuda) == "sdpa (fallback: head dim 256 > 128)"
+    assert mt.attn_used("triton", torch.device("cpu")) == "triton"
+    attention._FALLBACKS[("triton", "cpu")] = "no GPU"
+    assert mt.attn_used("triton", torch.device("cpu")) == "sdpa (fallback: no GPU)"
+    assert parse_overrides(["dim=256", "norm_impl=torch", "x=1.5"]) == {"dim": 256, "norm_impl": "torch", "x": 1.5}
+    with __import__("pytest").raises(ValueError, match="FIELD=VALUE, got 'dim'"):
+        parse_overrides(["dim"])
+    assert is_oom(RuntimeError("CUDA out of memory")) and not is_oom(RuntimeError("shape mismatch"))
