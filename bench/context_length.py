@@ -57,11 +57,11 @@ from typing import Any
 
 from common import (HelpFormatter, add_device_arguments, fmt, is_oom, parse_overrides, pyplot, release, results_dir,
                     start_device)
-from experiment import FitConfig, Report, batches_of, build_model, config_dict, first_documents, fit, \
+from experiment import FitConfig, Report, batches_of, build_model, config_dict, data_sources, first_documents, fit, \
     markdown_table, say, timed
 import train_throughput as tt
 
-from data import PileReader, Tokenizer, ensure_default_data
+from data import PileReader, Tokenizer
 from data.tokenized import tokenize_document
 from llama_mini import ModelArgs, count_params
 from llama_mini.checkpoint import save_meta_checkpoint
@@ -132,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.full and args.quick:
         p.error("--full and --quick exclude each other")
+    if args.data and not args.val_data:
+        p.error("--val-data is required with --data (validate on the same kind of text)")
     col = 1 if args.full else 2 if args.quick else 0
     for name, values in DEFAULTS.items():
         if getattr(args, name) is None:
@@ -522,9 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "bfloat16" if device.type == "cuda" else "float32"
     if args.full and device.type != "cuda":
         say(TAG, "warning: --full on a CPU trains a homework-sized model for hours")
-    dd = ensure_default_data() if not (args.data and args.val_data and args.tokenizer) else None
-    tok = Tokenizer(args.tokenizer or dd.tokenizer)
-    train_src, val_src = args.data or dd.train, args.val_data or dd.val
+    tok, train_src, val_src = data_sources(args)
     args.out.mkdir(parents=True, exist_ok=True)
     S, L = args.seq_lens[0], args.seq_lens[-1]
     margs = quality_model_args(args, L, tok.vocab_size)

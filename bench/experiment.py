@@ -30,15 +30,16 @@ import json
 import math
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from common import environment, pyplot, utc_now_iso, versions, write_csv, write_json
+from common import add_device_arguments, environment, pyplot, utc_now_iso, versions, write_csv, write_json
 
-from data import PileReader, build_policy
+from data import PileReader, Tokenizer, build_policy
 from data.tokenized import tokenize_document
 from llama_mini import ModelArgs, Transformer
 from llama_mini.parallel import init_weights
@@ -46,7 +47,7 @@ from llama_mini.training.evaluate import evaluate_loss
 from llama_mini.training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 
 __all__ = [
-    "first_documents", "batches_of", "eval_batches", "validation_batches", "build_model", "FitConfig", "FitResult", "fit",
+    "data_sources", "read_documents", "field_value", "device_arguments", "first_documents", "batches_of", "eval_batches", "validation_batches", "build_model", "FitConfig", "FitResult", "fit",
     "Report", "markdown_table", "plot_curves", "say", "config_dict", "timed",
 ]
 
@@ -58,13 +59,36 @@ def say(tag: str, message: str) -> None:
 
 # ---- inputs ---------------------------------------------------------------------------------
 
+def data_sources(args: Any) -> tuple[Tokenizer, str, str]:
+    """The tokenizer and the train / validation sources from ``args.tokenizer``, ``args.data`` and
+    ``args.val_data``; the built-in default data's where one is not given."""
+    if args.data and args.tokenizer:
+        return Tokenizer(args.tokenizer), args.data, args.val_data
+    from data.builtin import ensure_default_data
+
+    dd = ensure_default_data(progress=False)
+    return Tokenizer(args.tokenizer or dd.tokenizer), args.data or dd.train, args.val_data or dd.val
+
+
+def read_documents(source: Any, tokenizer: Any, need_tokens: int = 0, limit: int = 0) -> list[dict]:
+    """Documents of ``source`` in file order, tokenized: the first ``limit`` (if > 0), else just
+    enough to hold ``need_tokens`` tokens (fewer if the source ends first)."""
+    reader = PileReader(source, max_documents=limit or None, keep_meta=True, shuffle=False, rank=0, world_size=1)
+    examples, total = [], 0
+    for doc in reader:
+        examples.append(tokenize_document(tokenizer, doc))
+        total += len(examples[-1]["input_ids"])
+        if not limit and total >= need_tokens:
+            break
+    return examples
+
+
 def first_documents(source: Any, n: int, tokenizer: Any) -> list[dict]:
     """The first ``n`` documents of ``source`` (a shard, glob, directory or URL), in order,
     tokenized. Raises ``ValueError`` naming the source when it holds fewer than ``n``."""
     if n < 1:
         raise ValueError(f"the number of documents must be >= 1, got {n}")
-    reader = PileReader(source, max_documents=n, keep_meta=True, shuffle=False, rank=0, world_size=1)
-    examples = [tokenize_document(tokenizer, doc) for doc in itertools.islice(reader, n)]
+    examples = read_documents(source, tokenizer, limit=n)
     if len(examples) < n:
         raise ValueError(f"{source}: asked for the first {n} documents, but it holds only {len(examples)}")
     return examples
@@ -108,6 +132,42 @@ def eval_batches(examples: Sequence[dict], max_len: int, batch_size: int, n_batc
 
 
 # ---- training -------------------------------------------------------------------------------
+
+_HINTS = typing.get_type_hints(ModelArgs)
+
+
+def field_value(name: str, text: str) -> Any:
+    """``text`` parsed to the type of ``ModelArgs.<name>``; ValueError naming the field otherwise."""
+    if name not in _HINTS:
+        raise ValueError(f"unknown ModelArgs field {name!r} (fields: {', '.join(_HINTS)})")
+    hint = _HINTS[name]
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if len(kinds) < len(typing.get_args(hint)) and text.lower() == "none":
+        return None
+    kind = kinds[0]
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+    elif kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    else:
+        raise ValueError(f"{name} ({hint}) cannot be set from the command line")
+    raise ValueError(f"{name}={text!r} is not a valid {kind.__name__}")
+
+
+def device_arguments(group: Any) -> None:
+    """``common.add_device_arguments`` with the experiments' --threads default in its help: one
+    thread on CPU (these models are too small to gain from a second one)."""
+    add_device_arguments(group)
+    for action in group._group_actions:
+        if action.dest == "threads":
+            action.help = "torch.set_num_threads [1 on CPU defaults and --quick; --full: torch's default]"
+
 
 def build_model(args: ModelArgs, seed: int, device: torch.device | str) -> Transformer:
     """A fresh model whose weights depend on ``seed`` only (``llama_mini.parallel.init_weights``)."""

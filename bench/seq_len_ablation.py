@@ -48,10 +48,9 @@ from pathlib import Path
 from typing import Any
 
 from common import HelpFormatter, add_device_arguments, results_dir, start_device
-from experiment import (FitConfig, Report, batches_of, build_model, config_dict, first_documents,
+from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_sources, first_documents,
                         fit, markdown_table, plot_curves, say, validation_batches)
 
-from data import Tokenizer, ensure_default_data
 from llama_mini import ModelArgs
 
 ROUNDS = ("naive", "padding", "informed", "packing")
@@ -98,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.full and args.quick:
         p.error("--full and --quick exclude each other")
+    if args.data and not args.val_data:
+        p.error("--val-data is required with --data (validate on the same kind of text)")
     if args.full:
         args.dim, args.n_layers, args.n_heads, args.token_budget = 512, 8, 8, 256_000
     if args.quick:
@@ -320,13 +321,11 @@ def _plot_data(path: Path, rows: list[dict]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = start_device(args.device, args.threads)
-    need_default = not (args.data and args.val_data and args.tokenizer)
-    dd = ensure_default_data() if need_default else None
-    source = args.data or str(Path(dd.train) / "00.jsonl.zst")
-    tok = Tokenizer(args.tokenizer or dd.tokenizer)
+    tok, train_src, val_src = data_sources(args)
+    source = args.data or str(Path(train_src) / "00.jsonl.zst")
     say("ablation", f"reading the first {args.documents} documents of {source}")
     examples = first_documents(source, args.documents, tok)
-    val = validation_batches(args.val_data or dd.val, tok, args.val_len, args.batch_size, args.val_batches)
+    val = validation_batches(val_src, tok, args.val_len, args.batch_size, args.val_batches)
     configs = configurations(args)
     # every configuration is evaluated at the same token counts; the first is the most that every
     # configuration can reach (the smallest number of counted targets any of them keeps)
