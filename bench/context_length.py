@@ -55,10 +55,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import (HelpFormatter, add_device_arguments, fmt, is_oom, parse_overrides, pyplot, release, results_dir,
+from common import (HelpFormatter, fmt, is_oom, parse_overrides, pyplot, release, results_dir,
                     start_device)
-from experiment import FitConfig, Report, batches_of, build_model, config_dict, data_sources, first_documents, fit, \
-    markdown_table, say, timed
+from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_sources, device_arguments,
+                        first_documents, fit, markdown_table, say, timed)
 import train_throughput as tt
 
 from data import PileReader, Tokenizer
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation [65536 / 262144 / 1024]")
     q.add_argument("--eval-batch-size", type=int, help="windows per evaluation batch [4 / 4 / 2]")
     r = p.add_argument_group("run")
-    add_device_arguments(r)
+    device_arguments(r)
     r.add_argument("--full", action="store_true", help="GPU sizes: homework model, bf16 cost part, 3M-token budget")
     r.add_argument("--quick", action="store_true", help="smoke run: T = 64,256, tiny budgets (seconds)")
     r.add_argument("--out", type=Path, default=results_dir(TAG),
@@ -135,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.data and not args.val_data:
         p.error("--val-data is required with --data (validate on the same kind of text)")
     col = 1 if args.full else 2 if args.quick else 0
+    if args.threads is None and not args.full:
+        args.threads = 1  # see experiment.device_arguments
     for name, values in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, values[col])

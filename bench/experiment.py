@@ -162,7 +162,10 @@ def field_value(name: str, text: str) -> Any:
 
 def device_arguments(group: Any) -> None:
     """``common.add_device_arguments`` with the experiments' --threads default in its help: one
-    thread on CPU (these models are too small to gain from a second one)."""
+    thread on CPU. These models gain at most ~1.6x from a second core of an idle 2-core machine,
+    and lose 4-12x when another process keeps one core busy (measured here: a dim-128 step of
+    8 x 42 tokens took 0.09 s on one thread and 1.15 s on two beside a busy core), so one thread
+    is the setting whose timings mean something on a shared machine."""
     add_device_arguments(group)
     for action in group._group_actions:
         if action.dest == "threads":

@@ -47,8 +47,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import HelpFormatter, add_device_arguments, results_dir, start_device
-from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_sources, first_documents,
+from common import HelpFormatter, results_dir, start_device
+from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_sources, device_arguments,
+                        first_documents,
                         fit, markdown_table, plot_curves, say, validation_batches)
 
 from llama_mini import ModelArgs
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--n-heads", type=int, default=4)
     m.add_argument("--norm-eps", type=float, default=1e-5)
     m.add_argument("--batch-size", type=int, default=8)
-    m.add_argument("--token-budget", type=int, default=64_000, help="counted target tokens each configuration trains on")
+    m.add_argument("--token-budget", type=int, default=128_000, help="counted target tokens each configuration trains on")
     m.add_argument("--first-batches", type=int, default=16, help="batches of the first-batches loss")
     m.add_argument("--eval-points", type=int, default=6, help="evaluations spread evenly up to the budget")
     m.add_argument("--lr", type=float, default=1e-3)
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--attn-backend", default="sdpa", help="attention backend (eager | sdpa | triton)")
     g = p.add_argument_group("run")
-    add_device_arguments(g)
+    device_arguments(g)
     g.add_argument("--full", action="store_true",
                    help="the homework's model (dim 512, 8 layers, 8 heads) and a 256k-token budget; device auto")
     g.add_argument("--quick", action="store_true", help="smoke run: 12 documents, a tiny model, 3k-token budget")
@@ -99,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--full and --quick exclude each other")
     if args.data and not args.val_data:
         p.error("--val-data is required with --data (validate on the same kind of text)")
+    if args.threads is None and not args.full:
+        args.threads = 1  # see experiment.device_arguments
     if args.full:
         args.dim, args.n_layers, args.n_heads, args.token_budget = 512, 8, 8, 256_000
     if args.quick:
