@@ -57,8 +57,8 @@ from typing import Any
 
 from common import (HelpFormatter, fmt, is_oom, parse_overrides, pyplot, release, results_dir,
                     start_device)
-from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_sources, device_arguments,
-                        first_documents, fit, markdown_table, say, timed)
+from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_arguments, data_sources,
+                        device_arguments, first_documents, fit, markdown_table, say, timed)
 import train_throughput as tt
 
 from data import PileReader, Tokenizer
@@ -111,9 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--memory-budget-gib", type=float, default=16.0, help="CPU estimate: memory a step may use")
     c.add_argument("--max-batch-limit", type=int, default=256, help="CUDA OOM search: stop doubling here")
     q = p.add_argument_group("quality part")
-    q.add_argument("--data", help="training source (file, glob, dir, URL) [the default data's train split]")
-    q.add_argument("--val-data", help="validation source [the default data's val split]")
-    q.add_argument("--tokenizer", help="SentencePiece .model [the default data's tokenizer]")
+    data_arguments(q)
     q.add_argument("--train-docs", type=int, help="train on the first N documents [128 / 1040 / 24]")
     q.add_argument("--tokens-per-step", type=int, help="tokens per optimizer step, a multiple of the short "
                    "and the long length [2048 / 16384 / 512]")

@@ -58,8 +58,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from common import HelpFormatter, format_table, pyplot, release, results_dir, start_device
-from experiment import (FitConfig, Report, build_model, data_sources, device_arguments, eval_batches, field_value, fit,
-                        markdown_table, read_documents, say)
+from experiment import (FitConfig, Report, build_model, data_arguments, data_sources, device_arguments, eval_batches,
+                        field_value, fit, markdown_table, read_documents, say)
 
 from data import build_policy
 from llama_mini import PRESETS, ModelArgs
@@ -117,9 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--val-tokens", type=int, default=None, help="validation tokens [8192; quick 128; full 65536]")
     m.add_argument("--smooth", type=int, default=0, help="training-loss window in steps (0: steps // 40)")
     d = p.add_argument_group("data (default: the built-in default data)")
-    d.add_argument("--data", default=None, help="training shards: file, glob, directory or URL [default data's train]")
-    d.add_argument("--val-data", default=None, help="validation shards [default data's val]; required with --data")
-    d.add_argument("--tokenizer", default=None, help="SentencePiece model [default data's tokenizer]")
+    data_arguments(d)
     o = p.add_argument_group("device and output")
     device_arguments(o)
     o.add_argument("--out", type=Path, default=results_dir(TAG), help="output directory [bench/results/epoch_frenzy/]")

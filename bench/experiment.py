@@ -47,7 +47,7 @@ from llama_mini.training.evaluate import evaluate_loss
 from llama_mini.training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 
 __all__ = [
-    "data_sources", "read_documents", "field_value", "device_arguments", "first_documents", "batches_of", "eval_batches", "validation_batches", "build_model", "FitConfig", "FitResult", "fit",
+    "data_arguments", "data_sources", "read_documents", "field_value", "device_arguments", "first_documents", "batches_of", "eval_batches", "validation_batches", "build_model", "FitConfig", "FitResult", "fit",
     "Report", "markdown_table", "plot_curves", "say", "config_dict", "timed",
 ]
 
@@ -58,6 +58,13 @@ def say(tag: str, message: str) -> None:
 
 
 # ---- inputs ---------------------------------------------------------------------------------
+
+def data_arguments(group: Any, train_default: str = "the default data's train split") -> None:
+    """``--data``, ``--val-data`` and ``--tokenizer``, which ``data_sources`` reads."""
+    group.add_argument("--data", help=f"training source: file, glob, directory or URL [{train_default}]")
+    group.add_argument("--val-data", help="validation source [the default data's val split]; required with --data")
+    group.add_argument("--tokenizer", help="SentencePiece .model [the default data's tokenizer]")
+
 
 def data_sources(args: Any) -> tuple[Tokenizer, str, str]:
     """The tokenizer and the train / validation sources from ``args.tokenizer``, ``args.data`` and

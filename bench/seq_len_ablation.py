@@ -48,9 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from common import HelpFormatter, results_dir, start_device
-from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_sources, device_arguments,
-                        first_documents,
-                        fit, markdown_table, plot_curves, say, validation_batches)
+from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_arguments, data_sources,
+                        device_arguments, first_documents, fit, markdown_table, plot_curves, say, validation_batches)
 
 from llama_mini import ModelArgs
 
@@ -58,16 +57,14 @@ ROUNDS = ("naive", "padding", "informed", "packing")
 FIELDS = ("round", "config", "policy", "max_len", "tolerance", "documents", "batches", "sequences", "tokens_in", "tokens_kept",
           "tokens_dropped", "pad_tokens", "documents_truncated", "documents_split", "kept_frac", "pad_frac",
           "targets_available", "loss_first", "steps", "tokens_seen", "stopped", "loss_budget", "val_at_common",
-          "common_at_tokens",
+          "common_at_tokens", "common_at_step",
           "val_final", "seconds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="training shard (file, glob, URL); default: the default data's train/00.jsonl.zst")
-    d.add_argument("--val-data", help="validation source; default: the default data's val split")
-    d.add_argument("--tokenizer", help="SentencePiece .model; default: the default data's tokenizer")
+    data_arguments(d, "the default data's train/00.jsonl.zst")
     d.add_argument("--documents", type=int, default=128, help="the first N documents of --data, in order")
     d.add_argument("--val-len", type=int, default=128, help="validation window length")
     d.add_argument("--val-batches", type=int, default=4, help="validation batches (of --batch-size windows)")
@@ -181,6 +178,7 @@ def run_config(c: dict, args, val, tok, device, eval_points: list[int]) -> tuple
         "tokens_seen": res.tokens_seen, "stopped": res.stopped, "loss_budget": res.mean_loss(),
         "val_at_common": common_eval["val_loss"] if common_eval else None,
         "common_at_tokens": common_eval["tokens_seen"] if common_eval else None,
+        "common_at_step": common_eval["step"] if common_eval else None,
         "val_final": res.evals[-1]["val_loss"], "seconds": res.seconds,
     }
     return row, {"steps": res.steps, "evals": res.evals}
@@ -252,19 +250,21 @@ def findings(rows: list[dict], common: int, args) -> list[str]:
         out.append(f"At equal tokens seen ({common:,}, the most every configuration reached) the validation loss "
                    f"is lowest for {best['config']} ({best['val_at_common']:.3f}) and highest for "
                    f"{worst['config']} ({worst['val_at_common']:.3f}), a spread of "
-                   f"{worst['val_at_common'] - best['val_at_common']:.3f} nats.")
+                   f"{worst['val_at_common'] - best['val_at_common']:.3f} nats. {best['config']} had made "
+                   f"{best['common_at_step']} optimizer steps by then and {worst['config']} "
+                   f"{worst['common_at_step']}: with a batch of {args.batch_size} sequences, shorter sequences "
+                   "mean more updates per token.")
         agree = [r["config"] for r in ranked_first[:3]] == [r["config"] for r in ranked_val[:3]]
         out.append("The first-batches ranking and the equal-tokens ranking "
                    + ("agree on the top three." if agree else "disagree on the top three: the first-batches "
-                      "loss mostly measures how easy each configuration's own batches are, not how much "
-                      "the model learned."))
+                      "loss compares different amounts of data, on each configuration's own text."))
     reached = [r for r in rows if r["stopped"] != "data"]
     if len(reached) > 1:
         best = min(reached, key=lambda r: r["val_final"])
         worst = max(reached, key=lambda r: r["val_final"])
         out.append(f"At the full budget of {args.token_budget:,} tokens the best validation loss is "
-                   f"{best['config']} ({best['val_final']:.3f}), the worst {worst['config']} "
-                   f"({worst['val_final']:.3f}).")
+                   f"{best['config']} ({best['val_final']:.3f}, {best['steps']} steps), the worst {worst['config']} "
+                   f"({worst['val_final']:.3f}, {worst['steps']} steps).")
     for L in args.lengths:
         pair = [by.get(f"pad+impute@{L}"), by.get(f"best-fit@{L}"), by.get(f"packed-docmask@{L}")]
         if all(pair) and all(r["stopped"] != "data" for r in pair):
@@ -272,10 +272,17 @@ def findings(rows: list[dict], common: int, args) -> list[str]:
             out.append(f"At max_len {L}: pad+impute pads {100 * pad['pad_frac']:.1f}% of positions and needs "
                        f"{pad['steps']} steps for the budget, best-fit {100 * bf['pad_frac']:.1f}% and "
                        f"{bf['steps']} steps; final validation loss pad+impute {pad['val_final']:.3f}, best-fit "
-                       f"{bf['val_final']:.3f}, packed-docmask {dm['val_final']:.3f} (document masking "
-                       f"{'helps' if dm['val_final'] < bf['val_final'] else 'does not help'} here, by "
-                       f"{abs(dm['val_final'] - bf['val_final']):.3f}).")
+                       f"{bf['val_final']:.3f}, packed-docmask {dm['val_final']:.3f} "
+                       f"({_compare('document masking', bf['val_final'], dm['val_final'])}).")
     return out
+
+
+def _compare(what: str, before: float, after: float, noise: float = 0.01) -> str:
+    """'<what> helps by x' / 'hurts by x', or 'no difference beyond noise' under ``noise`` nats."""
+    diff = before - after
+    if abs(diff) < noise:
+        return f"{what} changes it by {abs(diff):.3f}, less than {noise} nats"
+    return f"{what} {'helps' if diff > 0 else 'hurts'} by {abs(diff):.3f}"
 
 
 def figures(report: Report, rows: list[dict], curves: dict[str, dict], args) -> None:

@@ -98,14 +98,22 @@ def test_report_findings_follow_from_the_table(run):
     ranked = sorted(rows, key=lambda r: r["val_at_common"])
     assert f"lowest for {ranked[0]['config']} ({ranked[0]['val_at_common']:.3f})" in said
     assert f"highest for {ranked[-1]['config']} ({ranked[-1]['val_at_common']:.3f})" in said
+    assert f"{ranked[0]['config']} had made {ranked[0]['common_at_step']} optimizer steps" in said
     least = min(rows, key=lambda r: r["kept_frac"])
     assert f"Least data kept: {least['config']}" in said
     assert "smaller than the homework's" in md  # the CPU model size is stated
 
 
+def test_compare_reports_noise_as_noise():
+    assert abl._compare("masking", 5.0, 4.9) == "masking helps by 0.100"
+    assert abl._compare("masking", 4.9, 5.0) == "masking hurts by 0.100"
+    assert abl._compare("masking", 5.0, 4.995) == "masking changes it by 0.005, less than 0.01 nats"
+
+
 def test_bad_arguments_name_the_option(capsys):
     for argv, needle in ((["--rounds", "naive,bogus"], "--rounds"), (["--lengths", "100,x"], "integers"),
-                         (["--documents", "0"], "--documents"), (["--quick", "--full"], "--full")):
+                         (["--documents", "0"], "--documents"), (["--quick", "--full"], "--full"),
+                         (["--data", "x.jsonl.zst"], "--val-data")):
         with pytest.raises(SystemExit):
             abl.parse_args(argv)
         assert needle in capsys.readouterr().err
