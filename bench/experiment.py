@@ -218,11 +218,19 @@ class FitResult:
         n = sum(r["tokens"] for r in rows)
         return sum(r["loss"] * r["tokens"] for r in rows) / n if n else None
 
-    def val_at(self, tokens: int) -> dict | None:
-        """The first evaluation made once ``tokens`` counted targets were seen (``fit`` evaluates
-        right after the step that crosses each of its ``eval_at_tokens``), or None if the run
-        never got there."""
-        return next((e for e in self.evals if e["tokens_seen"] >= tokens), None)
+    def val_at(self, tokens: int) -> float | None:
+        """Validation loss at exactly ``tokens`` counted targets seen, interpolated linearly in
+        tokens between the evaluations just before and just after the step that crossed it
+        (``fit`` makes both for each of its ``eval_at_tokens``); None if the run never got there."""
+        after = next((i for i, e in enumerate(self.evals) if e["tokens_seen"] >= tokens), None)
+        if after is None:
+            return None
+        hi = self.evals[after]
+        if hi["tokens_seen"] == tokens or after == 0:
+            return hi["val_loss"]
+        lo = self.evals[after - 1]
+        w = (tokens - lo["tokens_seen"]) / (hi["tokens_seen"] - lo["tokens_seen"])
+        return lo["val_loss"] + w * (hi["val_loss"] - lo["val_loss"])
 
 
 def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_steps: int | None = None,
@@ -235,8 +243,9 @@ def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_step
     Stops after ``max_steps`` steps, once ``token_budget`` counted targets were seen (the step
     that crosses it is the last), or when ``batches`` ends; ``FitResult.stopped`` says which.
     ``total_steps`` sets the length of a cosine/linear decay (default: ``max_steps``).
-    Validation (token-weighted mean loss over ``val_batches``) runs before the first step, after
-    the step that first reaches each of ``eval_at_tokens``, every ``eval_every_steps`` steps,
+    Validation (token-weighted mean loss over ``val_batches``) runs before the first step, just
+    before and just after the step that first reaches each of ``eval_at_tokens`` (so
+    ``FitResult.val_at`` can interpolate to that exact count), every ``eval_every_steps`` steps,
     and after the last step. A progress line goes to stderr every ``log_every_s`` seconds.
     """
     if max_steps is None and token_budget is None:
@@ -253,7 +262,7 @@ def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_step
     torch.manual_seed(cfg.seed)
 
     def evaluate(step: int, seen: int) -> None:
-        if val_batches:
+        if val_batches and not (result.evals and result.evals[-1]["step"] == step):
             loss = evaluate_loss(model, val_batches, device=device)["loss"]
             result.evals.append({"step": step, "tokens_seen": seen, "val_loss": loss})
 
@@ -271,6 +280,8 @@ def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_step
         n = int((inputs["target_ids"] != ignore).sum())
         if n == 0:  # an all-padding batch has no loss (mean over nothing); the policy never makes one
             raise ValueError(f"{tag}: batch {step} has no counted target token")
+        if pending and seen + n >= pending[0] > seen:
+            evaluate(step, seen)  # the lower end of the interpolation to pending[0]
         loss = model(inputs.pop("input_ids"), inputs.pop("target_ids"), **inputs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -299,8 +310,7 @@ def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_step
         if token_budget is not None and seen >= token_budget:
             result.stopped = "budget"
             break
-    if not result.evals or result.evals[-1]["step"] != step:
-        evaluate(step, seen)
+    evaluate(step, seen)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -51,13 +51,13 @@ from common import HelpFormatter, results_dir, start_device
 from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_arguments, data_sources,
                         device_arguments, first_documents, fit, markdown_table, plot_curves, say, validation_batches)
 
-from llama_mini import ModelArgs
+from llama_mini import ModelArgs, count_params
 
 ROUNDS = ("naive", "padding", "informed", "packing")
 FIELDS = ("round", "config", "policy", "max_len", "tolerance", "documents", "batches", "sequences", "tokens_in", "tokens_kept",
           "tokens_dropped", "pad_tokens", "documents_truncated", "documents_split", "kept_frac", "pad_frac",
           "targets_available", "loss_first", "steps", "tokens_seen", "stopped", "loss_budget", "val_at_common",
-          "common_at_tokens", "common_at_step",
+          "common_at_step", "multi_doc_frac",
           "val_final", "seconds")
 
 
@@ -73,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--lengths", default="100,250", help="max_len of the padding and packing rounds")
     c.add_argument("--informed-len", type=int, default=100, help="max_len of the informed round")
     c.add_argument("--tolerances", default="50,100,150,200", help="tolerances of the informed round")
+    c.add_argument("--pack-buffer", type=int, default=64,
+                   help="pieces best-fit and packed-docmask hold while packing; small, so that sequences holding "
+                        "several documents come all along the stream (best-fit-decreasing emits full one-document "
+                        "bins first, so with a buffer holding every document the two packing policies train the "
+                        "same single-document sequences until near the end)")
     m = p.add_argument_group("model and training")
     m.add_argument("--dim", type=int, default=128)
     m.add_argument("--n-layers", type=int, default=4)
@@ -90,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     device_arguments(g)
     g.add_argument("--full", action="store_true",
                    help="the homework's model (dim 512, 8 layers, 8 heads) and a 256k-token budget; device auto")
-    g.add_argument("--quick", action="store_true", help="smoke run: 12 documents, a tiny model, 3k-token budget")
+    g.add_argument("--quick", action="store_true", help="smoke run: 12 documents, a tiny model, 4k-token budget")
     g.add_argument("--out", type=Path, default=results_dir("seq_len_ablation"), help="output directory")
     args = p.parse_args(argv)
     if args.full and args.quick:
@@ -103,28 +108,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.dim, args.n_layers, args.n_heads, args.token_budget = 512, 8, 8, 256_000
     if args.quick:
         args.documents, args.dim, args.n_layers, args.n_heads = 12, 32, 1, 2
-        args.token_budget, args.val_len, args.val_batches, args.eval_points = 3000, 32, 2, 3
-        args.lengths, args.tolerances, args.first_batches, args.informed_len = "40,90", "20,60", 4, 60
+        args.token_budget, args.val_len, args.val_batches, args.eval_points, args.pack_buffer = 4000, 32, 2, 3, 32
+        args.lengths, args.tolerances, args.first_batches, args.informed_len = "40,90", "30,50", 4, 100
     try:
         args.rounds = _names(args.rounds)
-        args.lengths = _ints(args.lengths)
-        args.tolerances = _ints(args.tolerances)
+        args.lengths = _ints("--lengths", args.lengths)
+        args.tolerances = sorted(_ints("--tolerances", args.tolerances))
     except ValueError as e:
         p.error(str(e))
     for name in ("documents", "val_len", "val_batches", "informed_len", "batch_size", "token_budget", "first_batches",
-                 "eval_points", "dim", "n_layers", "n_heads"):
+                 "eval_points", "pack_buffer", "dim", "n_layers", "n_heads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
-def _ints(text: str) -> list[int]:
+def _ints(option: str, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise ValueError(f"expected positive integers, got {text!r}")
+        raise ValueError(f"{option} takes positive integers, got {text!r}")
     return values
 
 
@@ -148,12 +153,21 @@ def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
         out += [dict(round="informed", policy="informed", max_len=args.informed_len, options={"tolerance": t})
                 for t in args.tolerances]
     if "packing" in args.rounds:
-        out += [dict(round="packing", policy=p, max_len=L, options={})
+        out += [dict(round="packing", policy=p, max_len=L, options={"buffer_size": args.pack_buffer})
                 for L in args.lengths for p in ("best-fit", "packed-docmask")]
     for c in out:
         c["config"] = c["policy"] + (f"@{c['max_len']}" if c["max_len"] else "") + \
-            (f" tol {c['options']['tolerance']}" if c["options"] else "")
+            (f" tol {c['options']['tolerance']}" if "tolerance" in c["options"] else "")
     return out
+
+
+def model_args(args, vocab_size: int, max_seq_len: int) -> ModelArgs:
+    """The ``homework`` preset under --full (its SwiGLU rounding, multiple_of 256), else ``debug``'s
+    small-model settings, with the sizes of the command line."""
+    return ModelArgs.preset("homework" if args.full else "debug", vocab_size=vocab_size, dim=args.dim,
+                            n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_heads,
+                            norm_eps=args.norm_eps, max_seq_len=max_seq_len, attn_backend=args.attn_backend,
+                            **({} if args.full else {"multiple_of": 32}))
 
 
 def run_config(c: dict, args, val, tok, device, eval_points: list[int]) -> tuple[dict, dict]:
@@ -161,14 +175,18 @@ def run_config(c: dict, args, val, tok, device, eval_points: list[int]) -> tuple
     batches, pol, targets = c["batches"], c["policy_obj"], c["targets"]
     counts = pol.counts.as_dict()
     max_len = pol.max_len
-    margs = ModelArgs.preset("debug", vocab_size=tok.vocab_size, dim=args.dim, n_layers=args.n_layers,
-                             n_heads=args.n_heads, n_kv_heads=args.n_heads, norm_eps=args.norm_eps,
-                             multiple_of=32, max_seq_len=max(max_len, args.val_len), attn_backend=args.attn_backend)
+    margs = model_args(args, tok.vocab_size, max(max_len, args.val_len))
     model = build_model(margs, args.seed, device)
     cfg = FitConfig(lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed)
     res = fit(model, batches, cfg, token_budget=args.token_budget, val_batches=val, eval_at_tokens=eval_points,
               device=device, tag=c["config"])
-    common_eval = res.val_at(eval_points[0])
+    common = eval_points[0]
+    crossing = next((s for s in res.steps if s["tokens_seen"] >= common), None)
+    trained = batches[:len(res.steps)]
+    multi = None
+    if c["policy"] == "packed-docmask":  # sequences that hold more than one document, among those trained
+        rows = [len(d[t != -100].unique()) > 1 for b in trained for d, t in zip(b["document_ids"], b["target_ids"])]
+        multi = sum(rows) / len(rows)  # padding has a document id of its own, but no counted target
     row = {
         "round": c["round"], "config": c["config"], "policy": c["policy"], "max_len": max_len,
         "tolerance": c["options"].get("tolerance"), **{k: counts[k] for k in FIELDS if k in counts},
@@ -176,9 +194,8 @@ def run_config(c: dict, args, val, tok, device, eval_points: list[int]) -> tuple
         "pad_frac": counts["pad_tokens"] / max(1, counts["tokens_kept"] + counts["pad_tokens"]),
         "targets_available": targets, "loss_first": res.mean_loss(args.first_batches), "steps": len(res.steps),
         "tokens_seen": res.tokens_seen, "stopped": res.stopped, "loss_budget": res.mean_loss(),
-        "val_at_common": common_eval["val_loss"] if common_eval else None,
-        "common_at_tokens": common_eval["tokens_seen"] if common_eval else None,
-        "common_at_step": common_eval["step"] if common_eval else None,
+        "val_at_common": res.val_at(common), "common_at_step": crossing["step"] if crossing else None,
+        "multi_doc_frac": multi,
         "val_final": res.evals[-1]["val_loss"], "seconds": res.seconds,
     }
     return row, {"steps": res.steps, "evals": res.evals}
@@ -205,9 +222,9 @@ def tables(rows: list[dict], args) -> tuple[str, str]:
           f"{100 * r['pad_frac']:.1f}", r["documents_truncated"], r["documents_split"]] for r in rows])
     loss = markdown_table(
         ["configuration", f"loss, first {args.first_batches} batches", "tokens in them", "steps to budget",
-         "tokens seen", "loss over budget", "val @ common", "(measured at)", "val, final", "stopped by"],
+         "tokens seen", "loss over budget", "val @ common", "step", "val, final", "stopped by"],
         [[r["config"], _num(r["loss_first"]), f"{r['tokens_first']:,}", r["steps"], f"{r['tokens_seen']:,}",
-          _num(r["loss_budget"]), _num(r["val_at_common"]), f"{r['common_at_tokens']:,}", _num(r["val_final"]),
+          _num(r["loss_budget"]), _num(r["val_at_common"]), r["common_at_step"], _num(r["val_final"]),
           r["stopped"]] for r in rows])
     return data, loss
 
@@ -269,6 +286,9 @@ def findings(rows: list[dict], common: int, args) -> list[str]:
         pair = [by.get(f"pad+impute@{L}"), by.get(f"best-fit@{L}"), by.get(f"packed-docmask@{L}")]
         if all(pair) and all(r["stopped"] != "data" for r in pair):
             pad, bf, dm = pair
+            if dm["multi_doc_frac"] is not None:
+                out.append(f"At max_len {L}, {100 * dm['multi_doc_frac']:.1f}% of the packed sequences trained on "
+                           "held more than one document: document masking can only matter in those.")
             out.append(f"At max_len {L}: pad+impute pads {100 * pad['pad_frac']:.1f}% of positions and needs "
                        f"{pad['steps']} steps for the budget, best-fit {100 * bf['pad_frac']:.1f}% and "
                        f"{bf['steps']} steps; final validation loss pad+impute {pad['val_final']:.3f}, best-fit "
@@ -357,9 +377,11 @@ def main(argv: list[str] | None = None) -> int:
             f"steps {row['steps']:>4}  first-{args.first_batches} {row['loss_first']:.3f}  "
             f"val {row['val_final']:.3f}  ({row['seconds']:.0f}s)")
     report = Report(args.out, "Sequence-length ablation", device, config_dict(args))
+    margs = model_args(args, tok.vocab_size, args.val_len)
     report.add(f"The first {args.documents} documents of `{source}` ({sum(len(e['input_ids']) for e in examples):,} "
                f"tokens), one fresh model per configuration (dim {args.dim}, {args.n_layers} layers, "
-               f"{args.n_heads} heads, norm_eps {args.norm_eps}, batch {args.batch_size}, seed {args.seed}"
+               f"{args.n_heads} heads, SwiGLU hidden {margs.hidden_dim}, {count_params(margs):,} parameters with "
+               f"vocab {tok.vocab_size}, norm_eps {args.norm_eps}, batch {args.batch_size}, seed {args.seed}"
                + ("; the homework's model" if args.full else "; smaller than the homework's dim 512 / 8 layers / "
                   "8 heads so that it runs on a CPU (`--full` uses those)")
                + f"), trained to {args.token_budget:,} counted target tokens. Validation: "
@@ -367,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     data_t, loss_t = tables(rows, args)
     report.add("## What each configuration feeds the model\n\n" + data_t)
     report.add("## Training and validation loss\n\n" + loss_t + f"\n\n'val @ common' is the validation loss once "
-               f"{common:,} tokens were seen, the most every configuration reached (measured after the step that "
-               "crossed it, at the count in brackets); 'stopped by' says whether a run reached the token budget "
-               "or ran out of data.")
+               f"{common:,} tokens were seen, the most every configuration reached (interpolated in tokens between "
+               "evaluations just before and just after the step that crossed it; 'step' is that step); 'stopped by' "
+               "says whether a run reached the token budget or ran out of data.")
     figures(report, rows, curves, args)
     report.add("## What the numbers say\n\n" + "\n".join(f"- {s}" for s in findings(rows, common, args)))
     path = report.write(rows, FIELDS + ("tokens_first",), extra={"common_tokens": common, "eval_points": eval_points,

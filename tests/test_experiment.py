@@ -94,7 +94,7 @@ def test_fit_learns_and_follows_the_warmup():
     assert cos.steps[0]["lr"] == pytest.approx(1e-2) and cos.steps[-1]["lr"] < 2e-3
 
 
-def test_evaluations_happen_right_after_each_point_is_crossed():
+def test_evaluations_bracket_each_point_and_val_at_interpolates():
     batches = padded_batches()
     val = batches[-2:]
     points = [20, 45]
@@ -103,15 +103,67 @@ def test_evaluations_happen_right_after_each_point_is_crossed():
     seen = {s["step"]: s["tokens_seen"] for s in res.steps}
     seen[0] = 0
     assert res.evals[0]["step"] == 0 and res.evals[-1]["step"] == len(res.steps)
+    steps = [e["step"] for e in res.evals]
+    assert steps == sorted(set(steps))  # one evaluation per step at most
     for t in points:
-        e = res.val_at(t)
-        assert e["tokens_seen"] >= t > seen[e["step"] - 1]  # the step that crossed t, not a later one
-    assert res.val_at(10**9) is None
+        crossing = next(s["step"] for s in res.steps if s["tokens_seen"] >= t)
+        assert {crossing - 1, crossing} <= set(steps)  # just before and just after the crossing step
+        lo, hi = (next(e for e in res.evals if e["step"] == k) for k in (crossing - 1, crossing))
+        w = (t - lo["tokens_seen"]) / (hi["tokens_seen"] - lo["tokens_seen"])
+        assert res.val_at(t) == pytest.approx(lo["val_loss"] + w * (hi["val_loss"] - lo["val_loss"]), rel=1e-12)
+        assert min(lo["val_loss"], hi["val_loss"]) <= res.val_at(t) <= max(lo["val_loss"], hi["val_loss"])
+    assert res.val_at(0) == res.evals[0]["val_loss"] and res.val_at(10**9) is None
     for e in res.evals:  # each evaluation is the weighted validation loss of the model at that step
         assert math.isfinite(e["val_loss"]) and e["tokens_seen"] == seen[e["step"]]
     model = ex.build_model(tiny_args(), 0, "cpu")
     from llama_mini.training.evaluate import evaluate_loss
     assert res.evals[0]["val_loss"] == pytest.approx(evaluate_loss(model, val)["loss"], rel=1e-6)
+
+
+def test_fit_passes_document_masks_and_positions_to_the_model():
+    batches, _ = ex.batches_of(examples(), "packed-docmask", 24, 2, pad_id=0, buffer_size=4)
+    b = next(b for b in batches if int(b["document_ids"].max()) > 0)  # a row holding two documents
+    fresh = ex.build_model(tiny_args(), 3, "cpu")
+    with torch.no_grad():
+        masked = float(fresh(b["input_ids"], b["target_ids"], document_ids=b["document_ids"],
+                             position_ids=b["position_ids"]))
+        plain = float(fresh(b["input_ids"], b["target_ids"]))
+    res = ex.fit(ex.build_model(tiny_args(), 3, "cpu"), [b], ex.FitConfig(), max_steps=1)
+    assert res.steps[0]["loss"] == pytest.approx(masked, rel=1e-6) and masked != pytest.approx(plain, rel=1e-6)
+
+
+def test_budget_equal_to_the_tokens_of_two_batches_stops_after_two():
+    batches = padded_batches()
+    budget = counted(batches[0]) + counted(batches[1])
+    res = ex.fit(ex.build_model(tiny_args(), 0, "cpu"), batches, ex.FitConfig(), token_budget=budget)
+    assert len(res.steps) == 2 and res.tokens_seen == budget
+
+
+def test_fit_steps_like_a_hand_written_adamw_loop_with_clipping():
+    """Two steps of fit equal a plain loop: zero_grad, backward, clip, AdamW at the scheduled lr."""
+    batches = padded_batches()[:2]
+    cfg = ex.FitConfig(lr=1e-2, warmup_steps=2, grad_clip=0.05)
+    model = ex.build_model(tiny_args(), 0, "cpu")
+    ex.fit(model, batches, cfg, max_steps=2)
+    ref = ex.build_model(tiny_args(), 0, "cpu")
+    from llama_mini.training.optim import build_optimizer
+    opt = build_optimizer(ref, lr=1e-2, weight_decay=cfg.weight_decay)
+    for i, b in enumerate(batches):
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * (i + 1) / 2
+        opt.zero_grad(set_to_none=True)
+        ref(b["input_ids"], b["target_ids"]).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_eval_batches_are_full():
+    val = ex.eval_batches(examples(), 8, 3, 100, pad_id=0)
+    assert val and all(b["input_ids"].shape == (3, 8) and counted(b) == 24 for b in val)
+    with pytest.raises(ValueError, match="fewer than 3000 tokens"):
+        ex.eval_batches(examples(), 1000, 3, 1, pad_id=0)
 
 
 def test_mean_loss_is_token_weighted():
