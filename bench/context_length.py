@@ -63,7 +63,7 @@ import train_throughput as tt
 
 from data import PileReader, Tokenizer
 from data.tokenized import tokenize_document
-from llama_mini import ModelArgs, count_params
+from llama_mini import ModelArgs, attention_backends, count_params
 from llama_mini.checkpoint import save_meta_checkpoint
 from llama_mini.training.evaluate import perplexity_at_lengths
 
@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, values[col])
     args.seq_lens = _seq_lens(p, args.seq_lens)
     args.parts = _choices(p, "--parts", args.parts, PARTS)
-    args.backends = _choices(p, "--backends", args.backends, None)
+    args.backends = _choices(p, "--backends", args.backends, tuple(attention_backends()))
     args.checkpointing = _choices(p, "--checkpointing", args.checkpointing, ("off", "on"))
     for name in ("batch_size", "steps", "train_docs", "tokens_per_step", "token_budget", "eval_tokens",
                  "eval_batch_size", "max_batch_limit"):
@@ -151,9 +151,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--tokens-per-step {args.tokens_per_step} must be a multiple of the first and last --seq-lens "
                 f"(not of {bad}): both models take the same tokens per step")
     try:
-        parse_overrides(args.override)
+        fixed = set(parse_overrides(args.override)) & {"vocab_size", "max_seq_len", "attn_backend",
+                                                       "activation_checkpointing"}
     except ValueError as e:
         p.error(str(e))
+    if fixed:
+        p.error(f"--override {', '.join(sorted(fixed))}: the study sets these itself (vocab from the tokenizer, "
+                "lengths from --seq-lens, backends from --backends, --checkpointing)")
     return args
 
 
@@ -444,7 +448,7 @@ def cost_findings(rows: list[dict], lens: list[int], device: Any) -> list[str]:
         off = get(r["backend"], "off", r["seq_len"])
         if off:
             time_cost.append((r["ms_per_step"] / off["ms_per_step"] - 1, r))
-            if r["max_batch"] and off["max_batch"]:
+            if r["max_batch"] and off["max_batch"] and not (r["max_batch_capped"] or off["max_batch_capped"]):
                 batch_gain.append((r["max_batch"] / off["max_batch"], r))
     if time_cost:
         lo, hi = min(time_cost, key=lambda x: x[0]), max(time_cost, key=lambda x: x[0])
@@ -457,7 +461,8 @@ def cost_findings(rows: list[dict], lens: list[int], device: Any) -> list[str]:
         best = max(batch_gain, key=lambda x: x[0])
         out.append(f"It multiplies the largest batch ({how}) by {statistics.median(g for g, _ in batch_gain):.2f}x "
                    f"(median), most for {best[1]['backend']} at T={best[1]['seq_len']}: {best[0]:.2f}x.")
-    longs = [r for r in ok if r["seq_len"] == L and r["checkpointing"] == "off" and r["max_batch"]]
+    longs = [r for r in ok if r["seq_len"] == L and r["checkpointing"] == "off" and r["max_batch"]
+             and not r["max_batch_capped"]]  # a capped search says ">= limit", not a size to compare
     if len(longs) >= 2:
         big, small = max(longs, key=lambda r: r["max_batch"]), min(longs, key=lambda r: r["max_batch"])
         out.append(f"At T={L} without checkpointing the largest batch is {big['max_batch']} with {big['backend']} "

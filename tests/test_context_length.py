@@ -17,6 +17,8 @@ import re
 import sys
 
 import pytest
+
+from llama_mini.checkpoint import read_args
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +105,7 @@ def test_quality_rows_and_training(run):
         assert all(n == meta["config"]["tokens_per_step"] for n in t["step_tokens"])  # full windows only
         ckpt = out / "checkpoints" / f"{t['model']}_T{t['trained_at']}"
         assert (ckpt / "params.json").is_file() and (ckpt / "tokenizer.model").is_file()
+        assert read_args(ckpt).max_seq_len == t["trained_at"]  # the context the evaluation calls "trained"
     assert a["tokens_seen"] == b["tokens_seen"] and a["steps"] == b["steps"]
     u = meta["unigram"]  # the context-free reference: a real distribution over the vocabulary
     assert 1 < u["ppl"] <= meta["config"]["vocab_size"] and math.isclose(u["ppl"], math.exp(u["loss"]))
@@ -135,3 +138,29 @@ def test_tokens_per_step_must_divide(ctx, capsys):
     with pytest.raises(SystemExit):
         ctx.parse_args(["--seq-lens", "64,96", "--tokens-per-step", "128"])
     assert "--tokens-per-step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--backends", "sdpa,flash"], "--backends"),
+    (["--override", "max_seq_len=64"], "--override max_seq_len"),
+    (["--override", "attn_backend=eager"], "--override attn_backend"),
+])
+def test_options_the_study_owns_are_refused(ctx, capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        ctx.parse_args(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_capped_largest_batches_are_not_compared():
+    import types
+    rows = []
+    for ckpt, mb, capped in (("off", 256, True), ("on", 256, True)):
+        rows.append(dict(backend="sdpa", checkpointing=ckpt, seq_len=64, status="ok", tokens_per_s=100.0,
+                         ms_per_step=10.0, max_batch=mb, max_batch_capped=capped, reason=None))
+    ctx_mod = __import__("context_length")
+    said = " ".join(ctx_mod.cost_findings(rows, [64], types.SimpleNamespace(type="cuda")))
+    assert "multiplies the largest batch" not in said and "largest batch is" not in said
+    rows[0].update(max_batch=64, max_batch_capped=False)
+    rows[1].update(max_batch=128, max_batch_capped=False)
+    said = " ".join(ctx_mod.cost_findings(rows, [64], types.SimpleNamespace(type="cuda")))
+    assert "by 2.00x" in said
