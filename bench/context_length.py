@@ -496,8 +496,10 @@ def quality_findings(rows: list[dict], training: list[dict], lens: list[int], un
                f"{b['seconds']:.1f} s at T={L}.")
     a_s, a_l = ppl.get(("A", "none", S)), ppl.get(("A", "none", L))
     if a_s and a_l:
+        verdict = ("left it within 1%" if abs(a_l / a_s - 1) < 0.01 else
+                   f"made it **{'worse' if a_l > a_s else 'better'}**")
         out.append(f"Model A (trained at {S}) without scaling: ppl {a_s:.2f} at {S} -> {a_l:.2f} at {L} "
-                   f"({_pct(a_l, a_s)}): the longer context made it **{'worse' if a_l > a_s else 'better'}**.")
+                   f"({_pct(a_l, a_s)}): the longer context {verdict}.")
     a_long = sorted(((s, v) for (m, s, T), v in ppl.items() if m == "A" and T == L), key=lambda x: x[1])
     if len(a_long) > 1 and a_l:
         best, v = a_long[0]
