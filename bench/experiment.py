@@ -3,10 +3,15 @@
 
 Not a runnable script; a script in ``bench/`` imports it with ``from experiment import ...``.
 
+options   ``data_arguments`` (--data, --val-data, --tokenizer) and ``data_sources`` (the built-in
+          default data where they are not given), ``device_arguments`` (one thread on CPU),
+          ``field_value`` (a ``ModelArgs`` field parsed from text by its type).
 inputs    ``first_documents(source, n, tokenizer)``: the first ``n`` documents of a source, in
-          file order, tokenized (``[BOS] + text`` -> ``text + [EOS]``); ``batches_of(examples,
-          policy, max_len, batch_size)``: every batch a policy makes of them, plus its counts;
-          ``eval_batches``: fixed validation batches (``impute``: full windows, no padding).
+          file order, tokenized (``[BOS] + text`` -> ``text + [EOS]``), an error if there are fewer;
+          ``read_documents``: the first ``limit`` or just enough for ``need_tokens``;
+          ``batches_of(examples, policy, max_len, batch_size)``: every batch a policy makes of
+          them, plus the policy and its counts; ``eval_batches``: fixed validation batches
+          (``impute``: full windows, no padding).
 training  ``build_model(args, seed, device)`` (weights depend on the seed only) and ``fit``: AdamW
           on the batches given, one optimizer step per batch, until a step count, a budget of
           counted target tokens, or the data runs out. It records per step the loss, the counted
@@ -25,7 +30,6 @@ curves against tokens seen put runs with different padding or sequence lengths o
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import sys
@@ -47,8 +51,9 @@ from llama_mini.training.evaluate import evaluate_loss
 from llama_mini.training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 
 __all__ = [
-    "data_arguments", "data_sources", "read_documents", "field_value", "device_arguments", "first_documents", "batches_of", "eval_batches", "validation_batches", "build_model", "FitConfig", "FitResult", "fit",
-    "Report", "markdown_table", "plot_curves", "say", "config_dict", "timed",
+    "data_arguments", "data_sources", "device_arguments", "field_value", "read_documents", "first_documents",
+    "batches_of", "eval_batches", "build_model", "FitConfig", "FitResult", "fit", "Report", "markdown_table",
+    "plot_curves", "say", "config_dict", "timed",
 ]
 
 
@@ -110,21 +115,6 @@ def batches_of(examples: Sequence[dict], policy: str, max_len: int | None, batch
         kwargs["max_len"] = max_len
     pol = build_policy(policy, **kwargs)
     return list(pol.batches(examples, batch_size)), pol
-
-
-def validation_batches(source: Any, tokenizer: Any, max_len: int, batch_size: int, n_batches: int, *,
-                       ignore_index: int = -100) -> list[dict]:
-    """The first ``n_batches`` batches of full ``max_len`` windows of ``source``'s documents, read
-    in file order (``impute``: no padding, every position a counted target)."""
-    from data import DataPipeline
-
-    pipe = DataPipeline.build(source, tokenizer, policy="impute", max_len=max_len, batch_size=batch_size,
-                              ignore_index=ignore_index, shuffle=False, rank=0, world_size=1)
-    out = [b for b in itertools.islice(pipe, n_batches) if b["input_ids"].shape[0] == batch_size]
-    if not out:
-        raise ValueError(f"{source}: fewer than {batch_size * max_len} tokens, not one validation batch of "
-                         f"{batch_size} x {max_len}; use more data, a smaller batch or a shorter length")
-    return out
 
 
 def eval_batches(examples: Sequence[dict], max_len: int, batch_size: int, n_batches: int, *, pad_id: int,

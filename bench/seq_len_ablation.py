@@ -49,7 +49,8 @@ from typing import Any
 
 from common import HelpFormatter, results_dir, start_device
 from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_arguments, data_sources,
-                        device_arguments, first_documents, fit, markdown_table, plot_curves, say, validation_batches)
+                        device_arguments, eval_batches, first_documents, fit, markdown_table, plot_curves,
+                        read_documents, say)
 
 from llama_mini import ModelArgs, count_params
 
@@ -355,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     source = args.data or str(Path(train_src) / "00.jsonl.zst")
     say("ablation", f"reading the first {args.documents} documents of {source}")
     examples = first_documents(source, args.documents, tok)
-    val = validation_batches(val_src, tok, args.val_len, args.batch_size, args.val_batches)
+    need = args.val_batches * args.batch_size * args.val_len + 1
+    val = eval_batches(read_documents(val_src, tok, need), args.val_len, args.batch_size, args.val_batches,
+                       pad_id=tok.pad_id, where=f"--val-data {val_src}")
     configs = configurations(args)
     # every configuration is evaluated at the same token counts; the first is the most that every
     # configuration can reach (the smallest number of counted targets any of them keeps)
