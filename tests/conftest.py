@@ -12,6 +12,13 @@ import torch
 
 from llama_mini import ModelArgs, Transformer
 
+# Under pytest-xdist every worker would start torch's default thread count (one per core), so
+# two workers on two cores would run four threads, and a thread waiting for a busy core makes
+# a step several times slower (bench/experiment.py: device_arguments). One core's share each.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def tiny_args(**overrides) -> ModelArgs:
     """A small GQA model: 4 query heads over 2 kv heads, head_dim 16, non-default theta."""

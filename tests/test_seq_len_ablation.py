@@ -11,6 +11,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -21,7 +22,11 @@ import seq_len_ablation as abl  # noqa: E402
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ablation")
-    assert abl.main(["--quick", "--out", str(out), "--device", "cpu"]) == 0
+    threads = torch.get_num_threads()  # main() applies --threads (1 by default on CPU) to this process
+    try:
+        assert abl.main(["--quick", "--out", str(out), "--device", "cpu"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     data = json.loads((out / "results.json").read_text())
     return out, data["metadata"], data["results"]
 
