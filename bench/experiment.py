@@ -30,11 +30,11 @@ curves against tokens seen put runs with different padding or sequence lengths o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
 import time
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -47,6 +47,7 @@ from data import PileReader, Tokenizer, build_policy
 from data.tokenized import tokenize_document
 from llama_mini import ModelArgs, Transformer
 from llama_mini.parallel import init_weights
+from llama_mini.training.config import coerce_field
 from llama_mini.training.evaluate import evaluate_loss
 from llama_mini.training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
 
@@ -130,31 +131,14 @@ def eval_batches(examples: Sequence[dict], max_len: int, batch_size: int, n_batc
 
 # ---- training -------------------------------------------------------------------------------
 
-_HINTS = typing.get_type_hints(ModelArgs)
-
-
 def field_value(name: str, text: str) -> Any:
-    """``text`` parsed to the type of ``ModelArgs.<name>``; ValueError naming the field otherwise."""
-    if name not in _HINTS:
-        raise ValueError(f"unknown ModelArgs field {name!r} (fields: {', '.join(_HINTS)})")
-    hint = _HINTS[name]
-    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    if len(kinds) < len(typing.get_args(hint)) and text.lower() == "none":
-        return None
-    kind = kinds[0]
-    if kind is bool:
-        if text.lower() in ("true", "1", "yes", "on"):
-            return True
-        if text.lower() in ("false", "0", "no", "off"):
-            return False
-    elif kind in (int, float, str):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    else:
-        raise ValueError(f"{name} ({hint}) cannot be set from the command line")
-    raise ValueError(f"{name}={text!r} is not a valid {kind.__name__}")
+    """``text`` parsed to the type of ``ModelArgs.<name>`` by the trainer's own rules
+    (``llama_mini.training.config.coerce_field``: ``none`` for optional fields, true/false,
+    ints, floats); ``ValueError`` naming the field otherwise."""
+    names = [f.name for f in dataclasses.fields(ModelArgs)]
+    if name not in names:
+        raise ValueError(f"unknown ModelArgs field {name!r} (fields: {', '.join(names)})")
+    return coerce_field(ModelArgs, name, text, name, "command line")
 
 
 def device_arguments(group: Any) -> None:

@@ -45,7 +45,7 @@ from ..config import ModelArgs, RopeScaling
 __all__ = [
     "ConfigError", "DataConfig", "OptimConfig", "ScheduleConfig", "RunConfig", "ParallelConfig",
     "LoggingConfig", "TrainConfig", "TRAIN_PRESETS", "SECTIONS", "load_config", "field_docs",
-    "option_table",
+    "option_table", "coerce_field",
 ]
 
 
@@ -326,12 +326,12 @@ def build_config(flat: dict[str, tuple[Any, str]]) -> TrainConfig:
         if section == "model":
             if name.startswith("rope_scaling."):
                 sub = name.split(".", 1)[1]
-                rope[sub] = _coerce(RopeScaling, sub, value, key, origin)
+                rope[sub] = coerce_field(RopeScaling, sub, value, key, origin)
             else:
-                model_values[name] = _coerce(ModelArgs, name, value, key, origin)
+                model_values[name] = coerce_field(ModelArgs, name, value, key, origin)
             continue
         obj = getattr(cfg, section)
-        setattr(obj, name, _coerce(type(obj), name, value, key, origin))
+        setattr(obj, name, coerce_field(type(obj), name, value, key, origin))
     values = dict(MODEL_PRESETS[cfg.model_preset])
     values.update(model_values)
     try:
@@ -402,8 +402,9 @@ def _parse_overrides(argv: list[str]) -> dict[str, str]:
     return out
 
 
-def _coerce(cls: type, name: str, value: Any, key: str, origin: str) -> Any:
-    """``value`` converted to the type of ``cls.name``; strings are parsed, other values checked."""
+def coerce_field(cls: type, name: str, value: Any, key: str, origin: str) -> Any:
+    """``value`` converted to the type of ``cls.name``; strings are parsed, other values checked.
+    A ``ConfigError`` says ``"<origin>: <key> must be ..."``."""
     hints = typing.get_type_hints(cls)
     kind = hints[name]
     optional = type(None) in typing.get_args(kind)
