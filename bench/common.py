@@ -6,7 +6,8 @@ torch and ``llama_mini.hardware`` (this checkout's; triton is optional), so kern
 microbenchmarks and end-to-end benchmarks can share it. What it offers:
 
 errors        ``is_oom(e)``: an out-of-memory error (allocator or cuBLAS workspace).
-options       ``parse_overrides``: ``FIELD=VALUE`` items to a dict of Python literals.
+options       ``parse_overrides``: ``FIELD=VALUE`` items to a dict of Python literals; ``int_list`` and
+              ``name_list``: comma-separated option values, errors naming the option.
 environment   ``resolve_device`` (``auto`` -> cuda if available, else cpu), ``environment`` (device
               type and name, CPU model and count, torch threads, platform, load average, CUDA
               properties), ``versions`` (torch, triton, python), ``utc_now_iso`` / ``utc_stamp``
@@ -95,6 +96,26 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key.strip()] = value  # a bare string such as norm_impl=torch
     return out
+
+
+def int_list(option: str, text: str) -> list[int]:
+    """``"100,250"`` -> ``[100, 250]``: positive integers, or ``ValueError`` naming ``option``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{option} takes positive integers, got {text!r}")
+    return values
+
+
+def name_list(option: str, text: str, allowed: Sequence[str]) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``, each one of ``allowed``, or ``ValueError`` naming ``option``."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise ValueError(f"{option}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
+    return names
 
 
 def resolve_device(name: str) -> torch.device:

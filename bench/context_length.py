@@ -55,7 +55,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import (HelpFormatter, fmt, is_oom, parse_overrides, pyplot, release, results_dir,
+from common import (HelpFormatter, fmt, int_list, is_oom, name_list, parse_overrides, pyplot, release, results_dir,
                     start_device)
 from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_arguments, data_sources,
                         device_arguments, first_documents, fit, markdown_table, say, timed)
@@ -138,10 +138,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, values in DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, values[col])
-    args.seq_lens = _seq_lens(p, args.seq_lens)
-    args.parts = _choices(p, "--parts", args.parts, PARTS)
-    args.backends = _choices(p, "--backends", args.backends, tuple(attention_backends()))
-    args.checkpointing = _choices(p, "--checkpointing", args.checkpointing, ("off", "on"))
+    try:
+        args.seq_lens = int_list("--seq-lens", args.seq_lens)
+        args.parts = name_list("--parts", args.parts, PARTS)
+        args.backends = name_list("--backends", args.backends, attention_backends())
+        args.checkpointing = name_list("--checkpointing", args.checkpointing, ("off", "on"))
+    except ValueError as e:
+        p.error(str(e))
+    lens = args.seq_lens
+    if len(lens) < 2 or any(b <= a for a, b in zip(lens, lens[1:])) or lens[0] < 2:
+        p.error(f"--seq-lens needs two or more strictly increasing lengths >= 2 (short first, long last), got {lens}")
     for name in ("batch_size", "steps", "train_docs", "tokens_per_step", "token_budget", "eval_tokens",
                  "eval_batch_size", "max_batch_limit"):
         if getattr(args, name) < 1:
@@ -159,23 +165,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--override {', '.join(sorted(fixed))}: the study sets these itself (vocab from the tokenizer, "
                 "lengths from --seq-lens, backends from --backends, --checkpointing)")
     return args
-
-
-def _seq_lens(p: argparse.ArgumentParser, text: str) -> list[int]:
-    try:
-        lens = [int(x) for x in text.split(",")]
-    except ValueError:
-        p.error(f"--seq-lens takes comma-separated integers, got {text!r}")
-    if len(lens) < 2 or any(b <= a for a, b in zip(lens, lens[1:])) or lens[0] < 2:
-        p.error(f"--seq-lens needs two or more strictly increasing lengths >= 2 (short first, long last), got {text!r}")
-    return lens
-
-
-def _choices(p: argparse.ArgumentParser, flag: str, text: str, allowed: tuple | None) -> list[str]:
-    values = [x.strip() for x in text.split(",") if x.strip()]
-    if not values or (allowed and any(v not in allowed for v in values)):
-        p.error(f"{flag} takes a comma list of {', '.join(allowed) if allowed else 'names'}, got {text!r}")
-    return values
 
 
 # ---------------------------------------------------------------------------- part 1: cost

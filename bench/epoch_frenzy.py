@@ -210,9 +210,8 @@ def run_one(d: int, e: int, docs: list[dict], args: argparse.Namespace, margs: M
     del model
     release(device)
     seen = res.tokens_seen
-    tail = res.steps[-max(1, steps // 10):]
     row.update(tokens_seen=seen, epochs=seen / unique, seconds=round(res.seconds, 2),
-               final_train_loss=sum(s["loss"] * s["tokens"] for s in tail) / sum(s["tokens"] for s in tail),
+               final_train_loss=res.final_train_loss(),
                final_val_loss=res.evals[-1]["val_loss"],
                epoch_boundaries=[k * unique for k in range(1, seen // unique + 1) if k * unique < seen],
                evals=res.evals, train_steps={k: [s[k] for s in res.steps] for k in ("step", "loss", "tokens",

@@ -186,11 +186,16 @@ class FitResult:
     def tokens_seen(self) -> int:
         return self.steps[-1]["tokens_seen"] if self.steps else 0
 
-    def mean_loss(self, first: int | None = None) -> float | None:
-        """Token-weighted mean training loss over the first ``first`` steps (all when None)."""
-        rows = self.steps if first is None else self.steps[:first]
+    def mean_loss(self, first: int | None = None, last: int | None = None) -> float | None:
+        """Token-weighted mean training loss over the first ``first`` steps, or the last ``last``
+        (all when neither is given)."""
+        rows = self.steps[:first] if first is not None else self.steps[-last:] if last else self.steps
         n = sum(r["tokens"] for r in rows)
         return sum(r["loss"] * r["tokens"] for r in rows) / n if n else None
+
+    def final_train_loss(self) -> float | None:
+        """Token-weighted mean training loss of the last 10% of the steps (at least one)."""
+        return self.mean_loss(last=max(1, len(self.steps) // 10))
 
     def val_at(self, tokens: int) -> float | None:
         """Validation loss at exactly ``tokens`` counted targets seen, interpolated linearly in

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 # ``python bench/flash_attention.py`` puts bench/ first on sys.path; common adds the checkout root.
 from common import (
     DTYPES, DTYPE_ALIASES, add_device_arguments, cpu_busy, environment, fmt, format_table, HelpFormatter,
-    is_oom, load_avg_1m, peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir,
+    int_list, is_oom, load_avg_1m, peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir,
     start_device, Timer, utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
 import kernels  # noqa: E402
@@ -133,7 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if on_cpu:
                 args.cpu_defaults.append(name)
     try:
-        args.seqlens, args.heads, args.head_dims = (_ints(getattr(args, n)) for n in ("seqlens", "heads", "head_dims"))
+        args.seqlens, args.heads, args.head_dims = (int_list(f"--{n.replace('_', '-')}", getattr(args, n))
+                                                    for n in ("seqlens", "heads", "head_dims"))
         args.kv_heads = [None if x == "same" else int(x) for x in _split(args.kv_heads)]
     except ValueError as e:
         p.error(f"expected comma-separated positive integers: {e}")
@@ -153,13 +154,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _split(text: str) -> list[str]:
     return [x.strip().lower() for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    values = [int(x) for x in _split(text)]
-    if not values or min(values) < 1:
-        raise ValueError(text)
-    return values
 
 
 # ---------------------------------------------------------------------------- math

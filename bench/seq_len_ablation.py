@@ -47,12 +47,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import HelpFormatter, results_dir, start_device
+from common import HelpFormatter, int_list, name_list, results_dir, start_device
 from experiment import (FitConfig, Report, batches_of, build_model, config_dict, data_arguments, data_sources,
-                        device_arguments, eval_batches, first_documents, fit, markdown_table, plot_curves,
-                        read_documents, say)
+                        device_arguments, eval_batches, first_documents, fit, markdown_table,
+                        plot_curves, read_documents, say)
 
 from llama_mini import ModelArgs, count_params
+from llama_mini.training.metrics import ema
 
 ROUNDS = ("naive", "padding", "informed", "packing")
 FIELDS = ("round", "config", "policy", "max_len", "tolerance", "documents", "batches", "sequences", "tokens_in", "tokens_kept",
@@ -112,9 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.token_budget, args.val_len, args.val_batches, args.eval_points, args.pack_buffer = 4000, 32, 2, 3, 32
         args.lengths, args.tolerances, args.first_batches, args.informed_len = "40,90", "30,50", 4, 100
     try:
-        args.rounds = _names(args.rounds)
-        args.lengths = _ints("--lengths", args.lengths)
-        args.tolerances = sorted(_ints("--tolerances", args.tolerances))
+        args.rounds = name_list("--rounds", args.rounds, ROUNDS)
+        args.lengths = int_list("--lengths", args.lengths)
+        args.tolerances = sorted(int_list("--tolerances", args.tolerances))
     except ValueError as e:
         p.error(str(e))
     for name in ("documents", "val_len", "val_batches", "informed_len", "batch_size", "token_budget", "first_batches",
@@ -122,24 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
-
-
-def _ints(option: str, text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{option} takes positive integers, got {text!r}")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in ROUNDS]
-    if bad or not names:
-        raise ValueError(f"--rounds: unknown round(s) {bad or text!r}; choose from {', '.join(ROUNDS)}")
-    return names
 
 
 def configurations(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -200,14 +183,6 @@ def run_config(c: dict, args, val, tok, device, eval_points: list[int]) -> tuple
         "val_final": res.evals[-1]["val_loss"], "seconds": res.seconds,
     }
     return row, {"steps": res.steps, "evals": res.evals}
-
-
-def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else alpha * v + (1 - alpha) * acc
-        out.append(acc)
-    return out
 
 
 def _num(v: Any, spec: str = ".3f") -> str:
@@ -312,12 +287,12 @@ def figures(report: Report, rows: list[dict], curves: dict[str, dict], args) -> 
         per_batch = {n: ([s["step"] for s in curves[n]["steps"][:4 * args.first_batches]],
                          [s["loss"] for s in curves[n]["steps"][:4 * args.first_batches]]) for n in names}
         per_token = {n: ([s["tokens_seen"] for s in curves[n]["steps"]],
-                         _ema([s["loss"] for s in curves[n]["steps"]])) for n in names}
+                         ema([s["loss"] for s in curves[n]["steps"]])) for n in names}
         report.figure(f"round_{rnd}.png", f"Round '{rnd}': training loss per batch (left) and against tokens "
                       "seen, smoothed (right)",
                       lambda path, a=per_batch, b=per_token, r=rnd: plot_curves(
                           path, {f"{r}: loss per batch (first {4 * args.first_batches})": a,
-                                 f"{r}: loss vs tokens seen (EMA 0.1)": b},
+                                 f"{r}: loss vs tokens seen (EMA)": b},
                           xlabel=["batch", "counted target tokens seen"], ylabel="training loss"))
     val = {r["config"]: ([e["tokens_seen"] for e in curves[r["config"]]["evals"]],
                          [e["val_loss"] for e in curves[r["config"]]["evals"]]) for r in rows}

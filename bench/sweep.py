@@ -167,12 +167,6 @@ def label_of(combo: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in combo.items())
 
 
-def final_train_loss(steps: list[dict]) -> float:
-    """Token-weighted mean training loss of the last 10% of steps (at least one)."""
-    tail = steps[-max(1, len(steps) // 10):]
-    return sum(r["loss"] * r["tokens"] for r in tail) / sum(r["tokens"] for r in tail)
-
-
 def run_config(i: int, combo: dict[str, Any], args: argparse.Namespace, vocab: int, pad_id: int,
                train: list[dict], val: list[dict], device: torch.device) -> dict[str, Any]:
     """Train one configuration; returns its row (status ok, skipped, diverged or oom)."""
@@ -219,7 +213,7 @@ def run_config(i: int, combo: dict[str, Any], args: argparse.Namespace, vocab: i
         release(device)
     vals = [e["val_loss"] for e in res.evals]
     row.update(status="ok", tokens_seen=res.tokens_seen, init_val_loss=vals[0], final_val_loss=vals[-1],
-               val_ppl=math.exp(vals[-1]), best_val_loss=min(vals), final_train_loss=final_train_loss(res.steps),
+               val_ppl=math.exp(vals[-1]), best_val_loss=min(vals), final_train_loss=res.final_train_loss(),
                diverged=vals[-1] > vals[0], seconds=round(res.seconds, 2), evals=res.evals,
                train_steps={k: [r[k] for r in res.steps] for k in ("step", "loss", "tokens", "tokens_seen", "lr")})
     if row["diverged"]:

@@ -169,7 +169,9 @@ def test_eval_batches_are_full():
 def test_mean_loss_is_token_weighted():
     res = ex.FitResult(steps=[{"loss": 1.0, "tokens": 1}, {"loss": 4.0, "tokens": 3}])
     assert res.mean_loss() == pytest.approx((1.0 * 1 + 4.0 * 3) / 4)
-    assert res.mean_loss(1) == 1.0
+    assert res.mean_loss(1) == 1.0 and res.mean_loss(last=1) == 4.0
+    steps = [{"loss": float(i), "tokens": i + 1} for i in range(25)]  # the last 10%: steps 23 and 24
+    assert ex.FitResult(steps=steps).final_train_loss() == pytest.approx((23 * 24 + 24 * 25) / (24 + 25))
     assert ex.FitResult().mean_loss() is None
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..checkpoint import atomic_write, atomic_write_text
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_training", "mfu", "Throughput"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_training", "ema", "mfu", "Throughput"]
 
 _RESERVED = ("step", "time", "nonfinite")
 
@@ -178,7 +178,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def _ema(values: list[float]) -> list[float]:
+def ema(values: list[float]) -> list[float]:
     """Bias-corrected exponential moving average; its window grows with the run (~n/50 points,
     at most 50), so short runs stay readable and long ones smooth without lagging far behind."""
     beta = 1.0 - 1.0 / max(1.0, min(50.0, len(values) / 50))
@@ -220,7 +220,7 @@ def plot_training(records: list[dict], png_path: str | os.PathLike, title: str =
     if train:
         s, v = zip(*train)
         ax.plot(s, v, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (raw)")
-        smooth = _ema(list(v))
+        smooth = ema(list(v))
         ax.plot(s, smooth, color="tab:blue", linewidth=2, label=f"train loss (EMA): {smooth[-1]:.4g} at step {s[-1]}")
     if evals:
         s, v = zip(*evals)
