@@ -135,9 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.seqlens, args.heads, args.head_dims = (int_list(f"--{n.replace('_', '-')}", getattr(args, n))
                                                     for n in ("seqlens", "heads", "head_dims"))
-        args.kv_heads = [None if x == "same" else int(x) for x in _split(args.kv_heads)]
     except ValueError as e:
-        p.error(f"expected comma-separated positive integers: {e}")
+        p.error(str(e))
+    try:
+        args.kv_heads = [None if x == "same" else int(x) for x in _split(args.kv_heads)]
+    except ValueError:
+        p.error(f"--kv-heads takes comma-separated integers or 'same', got {args.kv_heads!r}")
     args.dtypes = [DTYPE_ALIASES.get(x, x) for x in _split(args.dtypes)]
     args.modes, args.providers = _split(args.modes), _split(args.providers)
     args.causal = {"both": [True, False], "true": [True], "false": [False]}[args.causal]
