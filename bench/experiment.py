@@ -347,7 +347,6 @@ class Report:
                                      "config": config}
         self.meta["device_name"] = self.meta["environment"].get("device_name")
         self.sections: list[str] = []
-        self.figures: list[str] = []
 
     def add(self, text: str) -> None:
         """Append a Markdown block (a heading, a paragraph, a table)."""
@@ -357,7 +356,6 @@ class Report:
         """Draw ``name`` (a PNG file name) with ``draw(path)`` and reference it in the report."""
         path = self.out / name
         if draw(path):
-            self.figures.append(name)
             self.add(f"![{caption}]({name})\n\n*{caption}*")
         else:
             self.add(f"*{caption}: not drawn (matplotlib is not installed).*")
