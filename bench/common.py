@@ -2,7 +2,7 @@
 
 Not a runnable script. A script in ``bench/`` imports it with ``from common import ...``, which
 works because ``python bench/<script>.py`` puts ``bench/`` first on ``sys.path``. It depends on
-torch and ``llama_mini.hardware`` (this checkout's; triton is optional), so kernel
+torch and ``llama_mini.hardware`` (the installed llama_mini; triton is optional), so kernel
 microbenchmarks and end-to-end benchmarks can share it. What it offers:
 
 errors        ``is_oom(e)``: an out-of-memory error (allocator or cuBLAS workspace).
@@ -45,12 +45,18 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
-if str(BENCH_DIR.parent) not in sys.path:  # the datasheet table lives in this checkout's llama_mini
-    sys.path.insert(1, str(BENCH_DIR.parent))
 
 # Dense datasheet peaks (TFLOP/s) by GPU name. llama_mini.hardware owns the table so that the
 # trainer's MFU and the benchmarks' ceilings agree; importing it does not import triton.
-from llama_mini import hardware as _hardware  # noqa: E402
+# The benchmarks import the installed llama_mini (``pip install -e .`` in a checkout): the
+# checkout root is never put on sys.path, because its kernels/ and data/ folders would shadow
+# Hugging Face's ``kernels`` package and any other top-level ``data``.
+try:
+    from llama_mini import hardware as _hardware
+except ModuleNotFoundError as e:  # pragma: no cover - a checkout that was never installed
+    if e.name != "llama_mini":
+        raise
+    raise SystemExit(f"error: llama_mini is not installed: run pip install -e {BENCH_DIR.parent} first") from None
 
 PEAK_TFLOPS = _hardware.PEAK_TFLOPS
 

@@ -61,8 +61,8 @@ from experiment import (FitConfig, Report, batches_of, build_model, config_dict,
                         device_arguments, first_documents, fit, markdown_table, say, timed)
 import train_throughput as tt
 
-from data import PileReader, Tokenizer
-from data.tokenized import tokenize_document
+from llama_mini.data import PileReader, Tokenizer
+from llama_mini.data.tokenized import tokenize_document
 from llama_mini import ModelArgs, attention_backends, count_params
 from llama_mini.checkpoint import save_meta_checkpoint
 from llama_mini.training.evaluate import perplexity_at_lengths

@@ -9,9 +9,9 @@ of the reference, forward, backward and both, in GB/s against copy bandwidth.
 
 Providers, on logits (N, V) (``--sizes`` NxV) in the row's dtype and int64 targets (N,), mean
 over the counted targets (``--ignore-frac`` of them set to -100): triton
-``kernels.cross_entropy.cross_entropy(logits, targets)``; eager ``F.cross_entropy(logits,
+``llama_mini.kernels.cross_entropy.cross_entropy(logits, targets)``; eager ``F.cross_entropy(logits,
 targets)`` on the logits as they are (what a user writes); compile ``torch.compile`` of
-``kernels.reference.cross_entropy`` (which upcasts the logits to fp32).
+``llama_mini.kernels.reference.cross_entropy`` (which upcasts the logits to fp32).
 
 Bytes each pass must move (s = bytes per element of the logits; targets are int64; the scalar
 loss is not counted):
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from op_bench import Inputs, Op, compiled, esize, load_kernel, parse_shapes, run
-from kernels import reference
+from llama_mini.kernels import reference
 
 IGNORE_INDEX = -100
 
@@ -78,7 +78,7 @@ class CrossEntropyBench(Op):
 
     def build(self, provider, case, args):
         if provider == "triton":
-            return load_kernel("kernels.cross_entropy", "cross_entropy")
+            return load_kernel("llama_mini.kernels.cross_entropy", "cross_entropy")
         if provider == "compile":
             return compiled(reference.cross_entropy)
         return lambda logits, targets: F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)

@@ -61,7 +61,7 @@ from common import HelpFormatter, format_table, pyplot, release, results_dir, st
 from experiment import (FitConfig, Report, build_model, data_arguments, data_sources, device_arguments, eval_batches,
                         field_value, fit, markdown_table, read_documents, say)
 
-from data import build_policy
+from llama_mini.data import build_policy
 from llama_mini import PRESETS, ModelArgs
 
 TAG = "epoch_frenzy"

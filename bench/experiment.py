@@ -43,8 +43,8 @@ import torch
 
 from common import add_device_arguments, environment, pyplot, utc_now_iso, versions, write_csv, write_json
 
-from data import PileReader, Tokenizer, build_policy
-from data.tokenized import tokenize_document
+from llama_mini.data import PileReader, Tokenizer, build_policy
+from llama_mini.data.tokenized import tokenize_document
 from llama_mini import ModelArgs, Transformer
 from llama_mini.parallel import init_weights
 from llama_mini.training.config import coerce_field
@@ -77,7 +77,7 @@ def data_sources(args: Any) -> tuple[Tokenizer, str, str]:
     ``args.val_data``; the built-in default data's where one is not given."""
     if args.data and args.tokenizer:
         return Tokenizer(args.tokenizer), args.data, args.val_data
-    from data.builtin import ensure_default_data
+    from llama_mini.data.builtin import ensure_default_data
 
     dd = ensure_default_data(progress=False)
     return Tokenizer(args.tokenizer or dd.tokenizer), args.data or dd.train, args.val_data or dd.val

@@ -9,13 +9,13 @@ eager reference and torch.compile of it, forward, backward and both, in TFLOP/s.
 
 Providers (``--providers``), all on q (B, H, N, D) and k, v (B, Hkv, N, D), contiguous:
 
-triton   ``kernels.flash_attention.flash_attention`` (ours). Timed on CUDA only: on a CPU-only
+triton   ``llama_mini.kernels.flash_attention.flash_attention`` (ours). Timed on CUDA only: on a CPU-only
          machine its rows are skipped with the reason, even under TRITON_INTERPRET=1, whose
          timings would measure the interpreter, not the kernel.
 sdpa     ``F.scaled_dot_product_attention`` inside ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``;
          where the flash backend refuses the dtype/device/shape, SDPA's own choice (the row's
          ``backend`` says which ran and why).
-eager    ``kernels.reference.attention``: explicit fp32 scores and softmax, N x N materialised.
+eager    ``llama_mini.kernels.reference.attention``: explicit fp32 scores and softmax, N x N materialised.
 compile  ``torch.compile`` of that reference (``dynamic=False``, caches reset per configuration);
          the first call compiles and is never timed.
 
@@ -34,7 +34,7 @@ GPU defaults: seqlens 512..16384, 16k tokens, heads 16,32 (kv heads the same), h
 causal and not, bf16 and fp16, all providers and modes. On CPU, sweep options not given take
 small defaults (seqlens 128,256,512, 1024 tokens, 4 heads, head dim 64, float32, sdpa,eager),
 which the header names. Before timing, each provider's forward output is checked once per
-configuration against ``kernels.reference.attention`` in float32 (chunked over heads so the N x N
+configuration against ``llama_mini.kernels.reference.attention`` in float32 (chunked over heads so the N x N
 scores fit): ``max_abs_err`` must stay under 2e-2 (bf16/fp16) or 1e-4 (fp32; 5e-3 when TF32 is on).
 
 Timing: ``common.Timer`` (``triton.testing.do_bench`` median on CUDA, wall-clock median after
@@ -63,15 +63,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-# ``python bench/flash_attention.py`` puts bench/ first on sys.path; common adds the checkout root.
+# ``python bench/flash_attention.py`` puts bench/ first on sys.path; llama_mini is the installed package.
 from common import (
     DTYPES, DTYPE_ALIASES, add_device_arguments, cpu_busy, environment, fmt, format_table, HelpFormatter,
     int_list, is_oom, load_avg_1m, peak_memory, peak_tflops, pyplot, release, resolve_device, result_paths, results_dir,
     start_device, Timer, utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
-from kernels.common import is_interpreting  # noqa: E402
+from llama_mini import kernels  # noqa: E402
+from llama_mini.kernels import reference  # noqa: E402
+from llama_mini.kernels.common import is_interpreting  # noqa: E402
 
 DEFAULT_OUT = results_dir("flash_attention")
 PROVIDERS = ("triton", "sdpa", "eager", "compile")
@@ -175,7 +175,7 @@ def error_bound(dtype: str, device: torch.device) -> float:
 
 
 def reference_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """kernels.reference.attention in float32, a few kv-head groups at a time so that the N x N
+    """llama_mini.kernels.reference.attention in float32, a few kv-head groups at a time so that the N x N
     scores of 16k-token sequences fit next to the inputs. Returns (B, H, N, D) float32."""
     B, H, N, _ = q.shape
     Hkv = k.shape[1]
@@ -219,7 +219,7 @@ def build_provider(provider: str, q, k, v, causal: bool) -> tuple[Callable, str]
     """(fn(q, k, v) -> out, the backend that runs). SDPA is probed with the flash backend forced."""
     gqa = q.shape[1] != k.shape[1]
     if provider == "triton":
-        from kernels.flash_attention import flash_attention  # imports triton: only where it is timed
+        from llama_mini.kernels.flash_attention import flash_attention  # imports triton: only where it is timed
         return (lambda q, k, v: flash_attention(q, k, v, causal=causal)), "triton"
     if provider == "eager":
         return (lambda q, k, v: reference.attention(q, k, v, causal=causal)), "reference (fp32 softmax)"
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": "inputs in the row's dtype; triton and sdpa accumulate in fp32; eager and compile (the "
                      "reference) compute scores, softmax and PV in fp32 and cast the output",
         "flops": "fwd 4*B*H*N^2*D (/2 causal); bwd 2.5x fwd; fwd+bwd 3.5x fwd",
-        "correctness": "forward output vs kernels.reference.attention in float32, max abs error under err_bound",
+        "correctness": "forward output vs llama_mini.kernels.reference.attention in float32, max abs error under err_bound",
         "triton_status": NO_GPU if device.type != "cuda" else kernels.triton_unavailable_reason(),
         "peak_tflops": ceilings, "peak_tflops_source": ceiling_src, "config": config,
     }

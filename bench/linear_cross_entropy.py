@@ -16,9 +16,9 @@ fp32   fp32 master weights with compute in the row's dtype: x in that dtype, W f
        W per tile inside its GEMM and accumulates dW in fp32). Skipped in a float32 run, where
        it is the ``same`` setup.
 
-Providers: triton ``kernels.linear_cross_entropy.linear_cross_entropy(x, W, targets,
+Providers: triton ``llama_mini.kernels.linear_cross_entropy.linear_cross_entropy(x, W, targets,
 chunk_size=--chunk-size)``; eager ``F.cross_entropy(x @ W.T, targets)`` (logits in the compute
-dtype, as a user writes it); compile ``torch.compile`` of ``kernels.reference.linear_cross_entropy``.
+dtype, as a user writes it); compile ``torch.compile`` of ``llama_mini.kernels.reference.linear_cross_entropy``.
 Ours computes dx and dW inside the forward when gradients are enabled and hands them to the
 first backward (which only scales them by grad_output and refuses ``retain_graph``), so its
 ``bwd`` rows are skipped with that reason: compare ``fwd+bwd`` (a training step's work).
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from op_bench import ERR_BOUND, Inputs, Op, Target, compiled, ints, load_kernel, run
-from kernels import reference
+from llama_mini.kernels import reference
 
 IGNORE_INDEX = -100
 REF_CHUNK_ELEMENTS = 2**28  # fp32 logits per chunk of the reference (1 GiB)
@@ -94,7 +94,7 @@ class LinearCrossEntropyBench(Op):
 
     def build(self, provider, case, args):
         if provider == "triton":
-            lce = load_kernel("kernels.linear_cross_entropy", "linear_cross_entropy")
+            lce = load_kernel("llama_mini.kernels.linear_cross_entropy", "linear_cross_entropy")
             fn = lambda x, w, t: lce(x, w, t, IGNORE_INDEX, chunk_size=args.chunk_size)  # noqa: E731
         elif provider == "compile":
             fn = compiled(reference.linear_cross_entropy)

@@ -7,7 +7,7 @@ tokenized stream and every sequence-length policy, on the same documents of one 
     python bench/loader.py --profile                         # + cProfile hot spots of every MISS
 
 Defaults: the first shard (in ``expand_sources`` order) of the built-in default data's train split
-and its tokenizer (``data.builtin.ensure_default_data()``, built on first use, about ten seconds),
+and its tokenizer (``llama_mini.data.builtin.ensure_default_data()``, built on first use, about ten seconds),
 max_len 512, informed tolerance 128, 3 timed runs per stage.
 
 One core. The process pins itself to one core (``os.sched_setaffinity(0, {--core})``, default the
@@ -101,25 +101,23 @@ from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmark this checkout's data package, installed or not
-    sys.path.insert(1, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # for short profile paths
 
 # ``python bench/loader.py`` puts bench/ first on sys.path, so this is bench/common.py.
-from common import (  # noqa: E402
+from common import (
     HelpFormatter, cpu_busy, environment, fmt, format_table, load_avg_1m, pyplot, result_paths,
     results_dir, utc_now_iso, utc_stamp, versions, write_csv, write_json,
 )
 
-import data  # noqa: E402
-from data.policies import POLICIES, build_policy  # noqa: E402
-from data.reader import PileReader  # noqa: E402
-from data.sources import expand_sources, is_url  # noqa: E402
-from data.tokenized import StreamingTokenizedDataset  # noqa: E402
-from data.tokenizer import Tokenizer  # noqa: E402
+from llama_mini import data
+from llama_mini.data.policies import POLICIES, build_policy
+from llama_mini.data.reader import PileReader
+from llama_mini.data.sources import expand_sources, is_url
+from llama_mini.data.tokenized import StreamingTokenizedDataset
+from llama_mini.data.tokenizer import Tokenizer
 
 DEFAULT_OUT = results_dir("loader")
-# The order of the policy table in data.policies, then the packing policies; others follow sorted.
+# The order of the policy table in llama_mini.data.policies, then the packing policies; others follow sorted.
 POLICY_ORDER = ["pad", "discard", "impute", "pad+discard", "pad+impute", "informed", "naive-discard",
                 "naive-impute", "best-fit", "packed-docmask"]
 ZSTD_CHUNK = 1 << 20
@@ -244,7 +242,7 @@ def resolve_inputs(args: argparse.Namespace, stack: contextlib.ExitStack) -> dic
     src: dict[str, Any] = {}
     dd = None
     if args.shard is None or args.tokenizer is None:
-        from data.builtin import ensure_default_data
+        from llama_mini.data.builtin import ensure_default_data
 
         print("loader bench: default data (built on first use)", file=sys.stderr, flush=True)
         dd = ensure_default_data(progress=True)
@@ -252,7 +250,7 @@ def resolve_inputs(args: argparse.Namespace, stack: contextlib.ExitStack) -> dic
         shard = expand_sources(dd.train)[0]
         src["shard_source"] = f"built-in default data, first train shard ({dd.root})"
     elif is_url(args.shard):
-        from data.http import open_url
+        from llama_mini.data.http import open_url
 
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="loader-bench-"))
         name = re.sub(r"[^A-Za-z0-9._-]", "_", args.shard.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1])

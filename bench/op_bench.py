@@ -65,8 +65,8 @@ from common import (  # noqa: E402
     is_oom, load_avg_1m, peak_memory, pyplot, release, resolve_device, result_paths, results_dir, start_device, Timer,
     utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
-import kernels  # noqa: E402
-from kernels.common import is_interpreting  # noqa: E402
+from llama_mini import kernels  # noqa: E402
+from llama_mini.kernels.common import is_interpreting  # noqa: E402
 
 PROVIDERS = ("triton", "eager", "compile")
 MODES = ("fwd", "bwd", "fwd+bwd")

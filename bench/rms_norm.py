@@ -8,10 +8,10 @@ reference and torch.compile of it, forward, backward and both, in GB/s against c
 
 Variants (``--variants``), on x (N, C) (``--sizes`` NxC) and weight (C,) in the row's dtype:
 
-rms   ``y = rms_norm(x, w, eps)``: ``kernels.rms_norm.rms_norm`` (triton),
-      ``kernels.reference.rms_norm`` (eager), ``torch.compile`` of the reference (compile).
+rms   ``y = rms_norm(x, w, eps)``: ``llama_mini.kernels.rms_norm.rms_norm`` (triton),
+      ``llama_mini.kernels.reference.rms_norm`` (eager), ``torch.compile`` of the reference (compile).
 add   ``y, h = add_rms_norm(x, r, w, eps)`` with h = x + r (the block's residual add fused with
-      the next norm): ``kernels.rms_norm.add_rms_norm`` / ``kernels.reference.add_rms_norm``.
+      the next norm): ``llama_mini.kernels.rms_norm.add_rms_norm`` / ``llama_mini.kernels.reference.add_rms_norm``.
 
 Bytes each pass must move (s = bytes per element of x; rstd is the fp32 1/rms per row):
 
@@ -40,7 +40,7 @@ import sys
 import torch
 
 from op_bench import Inputs, Op, Target, compiled, esize, load_kernel, parse_shapes, run
-from kernels import reference
+from llama_mini.kernels import reference
 
 
 class RMSNormBench(Op):
@@ -86,7 +86,7 @@ class RMSNormBench(Op):
     def build(self, provider, case, args):
         eps, add = args.eps, case["variant"] == "add"
         if provider == "triton":
-            fn = load_kernel("kernels.rms_norm", "add_rms_norm" if add else "rms_norm")
+            fn = load_kernel("llama_mini.kernels.rms_norm", "add_rms_norm" if add else "rms_norm")
         else:
             fn = reference.add_rms_norm if add else reference.rms_norm
             if provider == "compile":

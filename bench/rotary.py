@@ -8,7 +8,7 @@ eager reference and torch.compile of it, forward, backward and both, in GB/s aga
 
 Providers, on q (B, T, H, D), k (B, T, Hkv, D) in the row's dtype and fp32 cos/sin tables
 (T, D/2) of positions 0..T-1 (theta 500000, ``llama_mini.rope``), no position_ids:
-triton ``kernels.rotary.apply_rotary(q, k, cos, sin)``; eager ``kernels.reference.apply_rotary_qk``
+triton ``llama_mini.kernels.rotary.apply_rotary(q, k, cos, sin)``; eager ``llama_mini.kernels.reference.apply_rotary_qk``
 (complex multiply in fp32); compile ``torch.compile`` of the same reference (which switches to its
 real-arithmetic form while compiling). Sizes (``--sizes``) are B x T; ``--heads``, ``--kv-heads``
 and ``--head-dims`` are lists, swept too.
@@ -35,7 +35,7 @@ import sys
 import torch
 
 from op_bench import Inputs, Op, Target, compiled, esize, ints, load_kernel, parse_shapes, run
-from kernels import reference
+from llama_mini.kernels import reference
 from llama_mini.rope import rope_cos_sin, rope_frequencies
 
 
@@ -77,7 +77,7 @@ class RotaryBench(Op):
 
     def build(self, provider, case, args):
         if provider == "triton":
-            return load_kernel("kernels.rotary", "apply_rotary")
+            return load_kernel("llama_mini.kernels.rotary", "apply_rotary")
         return compiled(reference.apply_rotary_qk) if provider == "compile" else reference.apply_rotary_qk
 
     def reference(self, case, inputs, args):

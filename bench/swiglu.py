@@ -7,7 +7,7 @@ of it, forward, backward and both, in GB/s against copy bandwidth.
     python bench/swiglu.py --help                     # every option
 
 Providers, on a and b (N, F) (``--sizes`` NxF) in the row's dtype: triton
-``kernels.swiglu.swiglu(a, b)``; eager ``kernels.reference.swiglu`` (``F.silu(a) * b``: two kernels
+``llama_mini.kernels.swiglu.swiglu(a, b)``; eager ``llama_mini.kernels.reference.swiglu`` (``F.silu(a) * b``: two kernels
 forward, more backward); compile ``torch.compile`` of it.
 
 Bytes each pass must move (s = bytes per element; the backward recomputes sigmoid(a) from a):
@@ -32,7 +32,7 @@ import sys
 import torch
 
 from op_bench import Inputs, Op, Target, compiled, esize, load_kernel, parse_shapes, run
-from kernels import reference
+from llama_mini.kernels import reference
 
 
 class SwiGLUBench(Op):
@@ -58,7 +58,7 @@ class SwiGLUBench(Op):
 
     def build(self, provider, case, args):
         if provider == "triton":
-            return load_kernel("kernels.swiglu", "swiglu")
+            return load_kernel("llama_mini.kernels.swiglu", "swiglu")
         return compiled(reference.swiglu) if provider == "compile" else reference.swiglu
 
     def reference(self, case, inputs, args):

@@ -90,11 +90,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import llama_mini
-except ImportError:  # running from a checkout without ``pip install -e .``
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import llama_mini
+import llama_mini
 
 # ``python bench/train_throughput.py`` puts bench/ first on sys.path: these are bench/ modules.
 from common import (

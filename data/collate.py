@@ -4,7 +4,7 @@
     batch = collate([seq_a, seq_b])         # {"input_ids": (B, T), "target_ids": (B, T)}
     collate.last_pad_tokens                 # pad positions this call added
 
-A sequence is a ``data.policies.TrainingSequence`` (or any object, or mapping, with the fields
+A sequence is a ``llama_mini.data.policies.TrainingSequence`` (or any object, or mapping, with the fields
 ``input_ids``, ``target_ids`` and optionally ``document_ids`` / ``position_ids``). Inputs are
 padded with ``pad_id`` and targets with ``ignore_index``, so padded positions never reach the
 loss. When every sequence of the batch carries ``document_ids`` and ``position_ids`` (packed
@@ -15,7 +15,7 @@ row becomes a document of its own (one past that row's largest id) with position
 ``last_pad_tokens`` exists because a policy's ``batches`` adds it to its counts: padding done by
 the collator is padding the model pays for just as much as the policy's own.
 
-This module imports only torch; it does not depend on ``data.policies``.
+This module imports only torch; it does not depend on ``llama_mini.data.policies``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ piece of this sequence it belongs to: 0, 1, 2, ...; padding is one more piece) a
 ``position_ids`` entry (its position within that piece, restarting at 0), so attention can be
 confined to each piece and RoPE positions restart per piece.
 
-Both live here rather than in ``data.policies`` because packing is the one policy family with
+Both live here rather than in ``llama_mini.data.policies`` because packing is the one policy family with
 an algorithm of its own; they are registered in the same ``POLICIES`` registry.
 """
 

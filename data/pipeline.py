@@ -36,8 +36,8 @@ class DataPipeline:
     """Batches of training tensors from a document stream, with one ``state_dict``.
 
     reader: any iterable of documents (usually ``PileReader``) — with ``state_dict`` for resume.
-    tokenizer: ``encode``/``bos_id``/``eos_id`` (``data.tokenizer.Tokenizer``).
-    policy: a ``SequencePolicy`` (see ``data.policies``); collator: its batch builder
+    tokenizer: ``encode``/``bos_id``/``eos_id`` (``llama_mini.data.tokenizer.Tokenizer``).
+    policy: a ``SequencePolicy`` (see ``llama_mini.data.policies``); collator: its batch builder
     (default: ``docmask`` for ``packed-docmask``, else ``default``).
     """
 

@@ -23,7 +23,7 @@ and ``buffered_tokens`` is 0 after ``flush``. Document-level counts (``documents
 of a dropped final batch to ``tokens_dropped`` but leaves those two counts alone.
 
 The registry (``POLICIES``, ``build_policy``) holds the policies of this file and the packing
-policies of ``data.packing`` (``best-fit``, ``packed-docmask``). Names:
+policies of ``llama_mini.data.packing`` (``best-fit``, ``packed-docmask``). Names:
 
 =================  ==========================================================================
 ``pad``            one document per sequence; not cut without max_len (= ``pad+discard`` with)
@@ -133,7 +133,7 @@ def _token_list(index: int, key: str, value: Any) -> list[int]:
 
 def _check_example(index: int, example: Any) -> tuple[list[int], list[int]]:
     """Validate one example; ``index`` is its document number in the stream, for the error."""
-    if isinstance(example, Example) and example.checked:  # made and checked by data.tokenized's encoder
+    if isinstance(example, Example) and example.checked:  # made and checked by llama_mini.data.tokenized's encoder
         inputs, targets = example["input_ids"], example["target_ids"]
         if inputs and type(inputs) is list and type(targets) is list and len(inputs) == len(targets):
             return inputs, targets
@@ -302,7 +302,7 @@ class SequencePolicy:
         if extra is None:
             raise TypeError(
                 f"collator {collator!r} must set last_pad_tokens (pad positions it added) "
-                "so the policy can count them; see data.collate.Collator"
+                "so the policy can count them; see llama_mini.data.collate.Collator"
             )
         self.counts.pad_tokens += extra
         self.counts.batches += 1

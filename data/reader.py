@@ -8,7 +8,7 @@
 
 Each line of a shard is one JSON object, ``{"text": ..., "meta": {"pile_set_name": ...}}``. The
 reader yields the text (``keep_meta=False``, the default) or a dict ``{"text", "meta", "source",
-"line"}``. Memory is bounded: shards stream through ``data.compression`` and only the current
+"line"}``. Memory is bounded: shards stream through ``llama_mini.data.compression`` and only the current
 line (one document, however long) and the shuffle buffer are held.
 
 Sharding. The readers of an epoch are the (data-parallel rank, DataLoader worker) pairs:
@@ -161,14 +161,14 @@ def assign_shards(num_shards: int, reader: int, num_readers: int) -> list[tuple[
 class PileReader(IterableDataset):
     """Streams documents from Pile-format shards; an iterable, also as a DataLoader dataset.
 
-    sources: file, directory, glob or URL, or a list of them (see ``data.sources``).
+    sources: file, directory, glob or URL, or a list of them (see ``llama_mini.data.sources``).
     max_documents: stop after this many documents per reader and epoch (None: all).
     keep_meta: yield ``{"text", "meta", "source", "line"}`` dicts instead of the text.
     include_sets / exclude_sets: keep only / drop documents by ``meta.pile_set_name``.
     on_error: ``"raise"`` or ``"skip"`` for lines that are not usable documents.
     shuffle, shuffle_buffer, seed, epoch: see the module docstring.
     rank, world_size: the data-parallel position; None reads torch.distributed.
-    http_options: passed to ``data.http.open_url`` (retries, backoff, timeout).
+    http_options: passed to ``llama_mini.data.http.open_url`` (retries, backoff, timeout).
 
     Under a DataLoader with workers each worker iterates its own copy: ``counts`` and
     ``state_dict`` of the object in the main process do not move. Iterate in-process

@@ -7,11 +7,11 @@
 For a document with tokens ``t1..tn`` the input is BOS + tokens and the target is tokens + EOS:
 both have length ``n + 1`` and ``target[i]`` is the token that follows ``input[i]``, so the
 loss at every position predicts the next token, the first from BOS alone and the last being
-the end of the document. The sequence-length policies (``data.policies``) cut and join input
+the end of the document. The sequence-length policies (``llama_mini.data.policies``) cut and join input
 and target at the same positions, which keeps that pairing.
 
 Any tokenizer works that has ``encode(text) -> list[int]`` and ``bos_id`` / ``eos_id``
-(attributes or SentencePiece-style methods), for example ``data.tokenizer.Tokenizer`` or
+(attributes or SentencePiece-style methods), for example ``llama_mini.data.tokenizer.Tokenizer`` or
 Meta's ``tokenizer.model`` through it. The ids of any other tokenizer are checked: non-integers
 are an error, and with a ``vocab_size`` an id outside ``[0, vocab_size)`` is an error naming the
 document.

@@ -1,32 +1,32 @@
 """Kernels for llama-mini: plain-PyTorch references and (where Triton runs) Triton kernels.
 
-Layout
-------
-``kernels.reference``
+Installed as ``llama_mini.kernels`` (from the folder ``kernels/``); its modules import each other
+relatively. Layout, as modules of ``llama_mini.kernels``:
+
+``reference``
     The plain-PyTorch reference of every op (RMSNorm and residual-add + RMSNorm, rotary
     embedding, SwiGLU, attention, cross-entropy, linear + cross-entropy). The CPU path of the
     model and every kernel test use these.
-``kernels.rms_norm``, ``kernels.rotary``, ``kernels.swiglu``, ``kernels.cross_entropy``,
-``kernels.linear_cross_entropy``
+``rms_norm``, ``rotary``, ``swiglu``, ``cross_entropy``, ``linear_cross_entropy``
     The fused Triton kernels, forward and backward, one op per file: ``rms_norm`` /
     ``add_rms_norm``, ``apply_rotary(q, k, cos, sin, position_ids)``, ``swiglu``,
     ``cross_entropy`` (gradient in the same launch), ``linear_cross_entropy`` (the output
     projection and the loss in token chunks on our own GEMM; the logits never exist whole).
     Each imports triton.
-``kernels.flash_attention``
+``flash_attention``
     Triton flash attention, forward and backward (causal, GQA, ragged lengths, document
     masking): ``flash_attention(q, k, v, causal=True, document_ids=None)``. Imports triton.
-``kernels.common``
+``common``
     Launcher helpers (interpreter detection, output allocation, ``poisoned_outputs`` for tests).
-``kernels.aot``
+``aot``
     Ahead-of-time compile checks for sm_80 / sm_90 without a GPU (spills, shared memory,
-    tensor-core instructions): ``python -m kernels.aot kernels.flash_attention`` (or any kernel
-    module above).
-``kernels.triton_available()``
+    tensor-core instructions): ``llama-mini aot flash_attention`` (or any kernel module above).
+``triton_available()``
     Whether Triton kernels can run here, and if not, why (``triton_unavailable_reason()``).
 
-This package never imports ``llama_mini`` or ``data`` (dependencies point one way), and it
-imports without Triton installed: Triton is only imported when a Triton kernel is asked for.
+This package never imports the rest of ``llama_mini`` nor ``llama_mini.data`` (dependencies
+point one way), and it imports without Triton installed: Triton is only imported when a Triton
+kernel is asked for.
 """
 
 from __future__ import annotations

@@ -341,7 +341,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Token cross-entropy, a scalar fp32 loss (same contract as ``kernels.reference.cross_entropy``).
+    """Token cross-entropy, a scalar fp32 loss (same contract as ``llama_mini.kernels.reference.cross_entropy``).
 
     logits: (..., V) fp32/fp16/bf16; targets: (...) int32/int64 with logits' leading shape, each
     in [0, V) or equal to ``ignore_index`` (not counted). reduction: "mean" over counted
@@ -356,7 +356,7 @@ def cross_entropy(
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (python -m kernels.aot kernels.cross_entropy)
+# Ahead-of-time compile specs (llama-mini aot cross_entropy)
 # --------------------------------------------------------------------------------------------
 
 def _aot_signature(dtype: str) -> dict[str, str]:

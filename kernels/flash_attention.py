@@ -853,7 +853,7 @@ def flash_attention(q, k, v, *, causal: bool = True, document_ids=None, cu_seqle
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (tests/test_flash_attention_aot.py, python -m kernels.aot)
+# Ahead-of-time compile specs (tests/test_flash_attention_aot.py, llama-mini aot)
 # --------------------------------------------------------------------------------------------
 
 AOT_HEAD_DIMS = (16, 32, 64, 80, 96, 128)

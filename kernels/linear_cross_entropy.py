@@ -216,7 +216,7 @@ class GemmConfig:
 
 G = GemmConfig
 # (large, small) per architecture family, from an ahead-of-time sweep (spills, shared memory,
-# tensor-core use; ``python -m kernels.aot kernels.linear_cross_entropy`` re-checks every entry).
+# tensor-core use; ``llama-mini aot linear_cross_entropy`` re-checks every entry).
 # Two 16-bit operands (the logits product in bf16 / fp16): on sm_90, 128-row tiles with 8 warps
 # (two warpgroups) issue wgmma, and 128 x 256 halves the A traffic per FLOP.
 _CONFIGS_16BIT = {
@@ -505,7 +505,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (python -m kernels.aot kernels.linear_cross_entropy)
+# Ahead-of-time compile specs (llama-mini aot linear_cross_entropy)
 # --------------------------------------------------------------------------------------------
 
 # The three products of the loop as (A, B, C) dtypes and which stride of each is the unit one

@@ -6,7 +6,7 @@ For one row x of C values, weight w (C,) and eps >= 0::
 
     r = 1 / sqrt(mean(x^2) + eps)          scalar per row, fp32, saved for backward (``rstd``)
     n = x * r                              computed in fp32, rounded to x's dtype (as Meta and
-                                           Hugging Face do, and as ``kernels.reference`` defines)
+                                           Hugging Face do, and as ``llama_mini.kernels.reference`` defines)
     y = n * w                              y's dtype is promote_types(x.dtype, w.dtype)
 
 The add variant first forms the residual stream, rounded to x's dtype, and normalises it::
@@ -460,7 +460,7 @@ def add_rms_norm(
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (python -m kernels.aot kernels.rms_norm)
+# Ahead-of-time compile specs (llama-mini aot rms_norm)
 # --------------------------------------------------------------------------------------------
 
 _KERNELS = {"fwd": _rms_norm_fwd, "add": _add_rms_norm_fwd, "dot": _rms_norm_bwd_dot, "bwd": _rms_norm_bwd}

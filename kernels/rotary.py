@@ -274,13 +274,13 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
                  position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate queries (B, T, H, D) and keys (B, T, Hkv, D) by RoPE angles; returns new
     contiguous (q_out, k_out). cos, sin: (L, D/2) tables; position_ids: (B, T) rows of the
-    tables to use, or None for rows 0..T-1. Matches ``kernels.reference.apply_rotary_qk``.
+    tables to use, or None for rows 0..T-1. Matches ``llama_mini.kernels.reference.apply_rotary_qk``.
     Differentiable in q and k."""
     return RotaryFunction.apply(q, k, cos, sin, position_ids)
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (python -m kernels.aot kernels.rotary)
+# Ahead-of-time compile specs (llama-mini aot rotary)
 # --------------------------------------------------------------------------------------------
 
 

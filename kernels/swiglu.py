@@ -188,12 +188,12 @@ class SwiGLUFunction(torch.autograd.Function):
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b for a, b of shape (..., hidden) (same shape and dtype, last dim contiguous,
-    any row strides). Matches ``kernels.reference.swiglu``; differentiable in a and b."""
+    any row strides). Matches ``llama_mini.kernels.reference.swiglu``; differentiable in a and b."""
     return SwiGLUFunction.apply(a, b)
 
 
 # --------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (python -m kernels.aot kernels.swiglu)
+# Ahead-of-time compile specs (llama-mini aot swiglu)
 # --------------------------------------------------------------------------------------------
 
 

@@ -11,9 +11,9 @@ decoding: the newest query sees every cached key). ``document_ids`` (B, T_k) res
 query to keys of its own packed document.
 
 Built in:
-  eager   explicit softmax(q k^T) v in fp32, the reference (``kernels.reference.attention``)
+  eager   explicit softmax(q k^T) v in fp32, the reference (``llama_mini.kernels.reference.attention``)
   sdpa    ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient / math)
-  triton  our Triton flash attention (``kernels.flash_attention``): CUDA tensors, or CPU tensors
+  triton  our Triton flash attention (``llama_mini.kernels.flash_attention``): CUDA tensors, or CPU tensors
           under ``TRITON_INTERPRET=1``
 
 More backends plug in with ``register_attention_backend``. A backend that cannot run on the
@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from .kernels import reference
 
 __all__ = [
     "register_attention_backend",
@@ -170,11 +170,11 @@ def triton_attention(
     """Triton flash attention (forward and backward kernels), GQA without repeating k/v.
 
     Inputs the kernel does not take (float64, bf16 under the CPU interpreter, head dims above
-    ``kernels.flash_attention.MAX_HEAD_DIM`` = 128) run on sdpa instead, with the reason
+    ``llama_mini.kernels.flash_attention.MAX_HEAD_DIM`` = 128) run on sdpa instead, with the reason
     logged and kept in ``attention_fallbacks()``.
     """
-    from kernels.common import is_interpreting
-    from kernels.flash_attention import MAX_HEAD_DIM, flash_attention
+    from .kernels.common import is_interpreting
+    from .kernels.flash_attention import MAX_HEAD_DIM, flash_attention
 
     why = None
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import reference
+from .kernels import reference
 
 from . import ops
 
@@ -42,7 +42,7 @@ def _default_on(device: torch.device) -> bool:
 
 def unsupported_reason(*tensors: torch.Tensor) -> str | None:
     """Why the kernels cannot take these tensors (None if they can)."""
-    from kernels.common import is_interpreting
+    from .kernels.common import is_interpreting
 
     for t in tensors:
         if t.dtype not in KERNEL_DTYPES:
@@ -58,7 +58,7 @@ def _where(t: torch.Tensor) -> str:
 
 @torch.compiler.disable
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    from kernels import rms_norm as k
+    from .kernels import rms_norm as k
 
     why = unsupported_reason(x, weight)
     if why is None and x.shape[-1] > k.MAX_HIDDEN:
@@ -73,7 +73,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from kernels import rms_norm as k
+    from .kernels import rms_norm as k
 
     why = unsupported_reason(x, residual, weight)
     if why is None and x.shape[-1] > k.MAX_HIDDEN:
@@ -93,7 +93,7 @@ def add_rms_norm(
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from kernels import rotary
+    from .kernels import rotary
 
     why = unsupported_reason(q, k)
     if why is not None:
@@ -104,7 +104,7 @@ def rope(
 
 @torch.compiler.disable
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from kernels import swiglu as k
+    from .kernels import swiglu as k
 
     why = unsupported_reason(a, b)
     if why is not None:
@@ -115,7 +115,7 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.compiler.disable
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    from kernels import cross_entropy as k
+    from .kernels import cross_entropy as k
 
     why = unsupported_reason(logits)
     if why is not None:
@@ -128,7 +128,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 def linear_cross_entropy(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
-    from kernels import linear_cross_entropy as k
+    from .kernels import linear_cross_entropy as k
 
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):

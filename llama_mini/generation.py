@@ -3,7 +3,7 @@
     from llama_mini import generate
     result = generate(model, [tokenizer.encode("Hello", bos=True)], max_new_tokens=32)
 
-The command line lives in ``llama_mini/generate.py`` (``python -m llama_mini.generate``).
+The command line lives in ``llama_mini/generate.py`` (``llama-mini generate``).
 
 Batched prompts of different lengths are laid out left-aligned in one (B, total_len) buffer,
 as in Meta's reference: decoding starts at the shortest prompt's end; at a position still

@@ -1,6 +1,6 @@
 """Per-op implementation registry: which RMSNorm, RoPE, SwiGLU and loss kernels to run.
 
-Each op has a plain-PyTorch implementation named ``torch`` (from ``kernels.reference``) that
+Each op has a plain-PyTorch implementation named ``torch`` (from ``llama_mini.kernels.reference``) that
 runs everywhere. Faster implementations (the Triton kernels, registered by ``llama_mini.fused``)
 register under their own names with two checks: ``available(device)``, whether they can run
 there at all, and ``default_on(device)``, whether ``auto`` should pick them there. ``ModelArgs``
@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from kernels import reference
+from .kernels import reference
 
 __all__ = [
     "OPS", "IMPL_FIELDS", "register_op", "resolve_op", "resolve_impl", "resolutions", "registered",
@@ -181,8 +181,8 @@ def fallbacks() -> dict[str, str]:
 
 def triton_runs_on(device: torch.device) -> tuple[bool, str]:
     """Whether Triton kernels run on ``device``: CUDA with Triton, or CPU under the interpreter."""
-    import kernels
-    from kernels.common import is_interpreting
+    from . import kernels
+    from .kernels.common import is_interpreting
 
     if not kernels.triton_available():
         return False, kernels.triton_unavailable_reason()

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from kernels import reference
+from .kernels import reference
 
 from .config import ModelArgs, RopeScaling
 

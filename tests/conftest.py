@@ -1,9 +1,38 @@
-"""Shared fixtures. Tests run on CPU; Triton kernels (later issues) run under its interpreter,
-which must be switched on before triton is imported."""
+"""Shared fixtures. Tests run on CPU; Triton kernels run under its interpreter, which must be
+switched on before triton is imported.
+
+Tests see the project as an installed user does. ``python -m pytest`` puts the working directory
+(the checkout root) first on ``sys.path``, and pytest-xdist adds it to ``PYTHONPATH`` for every
+process a test starts; from there the folders ``kernels/`` and ``data/`` would be importable as
+bare ``kernels`` and ``data``, and transformers' ``import kernels`` (Hugging Face's package) would
+load ours. So the root comes off both before anything else is imported: the project is imported
+by its installed names only (``llama_mini``, ``llama_mini.kernels``, ``llama_mini.data``), and a
+test that still used a bare name would fail here as it would for a user.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _not_root(entry: str) -> bool:
+    return os.path.realpath(entry or os.curdir) != os.path.realpath(ROOT)
+
+
+sys.path[:] = [p for p in sys.path if _not_root(p)]
+if "PYTHONPATH" in os.environ:
+    _kept = [p for p in os.environ["PYTHONPATH"].split(os.pathsep) if p and _not_root(p)]
+    if _kept:
+        os.environ["PYTHONPATH"] = os.pathsep.join(_kept)
+    else:
+        del os.environ["PYTHONPATH"]
+for _name in ("kernels", "data"):  # imported from the root before this ran: forget them
+    _mod = sys.modules.get(_name)
+    if _mod is not None and not _not_root(os.path.dirname(os.path.dirname(getattr(_mod, "__file__", None) or ""))):
+        del sys.modules[_name]
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-import kernels
-import kernels.common
+from llama_mini import kernels
+from llama_mini.kernels.common import is_interpreting
 
 from llama_mini import attention_backends, attention_fallbacks, get_attention_backend, register_attention_backend
 from llama_mini.attention import eager_attention, sdpa_attention
@@ -103,7 +103,7 @@ def test_triton_backend_falls_back_to_sdpa_visibly_where_it_cannot_run(caplog, m
     assert "cannot run on meta" in caplog.text
 
 
-@pytest.mark.skipif(not kernels.common.is_interpreting(), reason="CPU interpreter only")
+@pytest.mark.skipif(not is_interpreting(), reason="CPU interpreter only")
 def test_triton_backend_runs_on_cpu_under_the_interpreter_and_refuses_bf16_visibly(caplog, monkeypatch):
     from llama_mini import attention as attention_module
     from llama_mini.attention import triton_attention

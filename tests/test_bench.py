@@ -43,8 +43,8 @@ def test_loader_bench_tiny_shard_writes_results(tmp_path):
     from conftest import synthetic_corpus
     from shards import write_shard
 
-    from data.policies import POLICIES
-    from data.tokenizer import train_tokenizer
+    from llama_mini.data.policies import POLICIES
+    from llama_mini.data.tokenizer import train_tokenizer
 
     docs = synthetic_corpus(40, seed=5)
     shard = write_shard(tmp_path / "tiny.jsonl.zst", [{"text": t, "meta": {"pile_set_name": "S"}} for t in docs])

@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-import kernels
+from llama_mini import kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -279,6 +279,6 @@ def test_wrong_results_fail_and_out_of_memory_is_a_row(bench, tmp_path, capsys, 
 
 def test_a_kernel_module_that_does_not_exist_yet_skips(bench):
     ob = bench["op_bench"]
-    with pytest.raises(ob.Skip, match="kernels.no_such_op does not exist"):
-        ob.load_kernel("kernels.no_such_op", "fn")
+    with pytest.raises(ob.Skip, match="llama_mini.kernels.no_such_op does not exist"):
+        ob.load_kernel("llama_mini.kernels.no_such_op", "fn")
     assert ob._failure(ob.Skip("why"))["status"] == "skipped"

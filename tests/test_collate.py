@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.collate import COLLATORS, Collator, DocMaskCollator, build_collator
-from data.policies import TrainingSequence
+from llama_mini.data.collate import COLLATORS, Collator, DocMaskCollator, build_collator
+from llama_mini.data.policies import TrainingSequence
 
 PAD, IGNORE = 7, -100
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import zstandard
 
-from data.compression import CorruptShardError, ZstdFrameReader, compression_of, open_decompressed
+from llama_mini.data.compression import CorruptShardError, ZstdFrameReader, compression_of, open_decompressed
 
 
 def _text(n: int = 300_000) -> bytes:

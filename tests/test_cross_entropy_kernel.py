@@ -32,15 +32,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.common import empty, is_interpreting
+from llama_mini import kernels
+from llama_mini.kernels import reference
+from llama_mini.kernels.common import empty, is_interpreting
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
 
 if kernels.triton_available():
-    from kernels.common import poisoned_outputs
-    from kernels.cross_entropy import INTERPRETER_BLOCK_V, block_config, cross_entropy, cross_entropy_rows
+    from llama_mini.kernels.common import poisoned_outputs
+    from llama_mini.kernels.cross_entropy import INTERPRETER_BLOCK_V, block_config, cross_entropy, cross_entropy_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() and not is_interpreting() else "cpu"
 

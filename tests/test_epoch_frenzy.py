@@ -55,7 +55,7 @@ def result(ef, train_data, tmp_path_factory):
 
 def first_lengths(train_data, n):
     """Token counts of the first ``n`` training documents, capped, computed without the script."""
-    from data import PileReader, Tokenizer, tokenize_document
+    from llama_mini.data import PileReader, Tokenizer, tokenize_document
 
     tok = Tokenizer(train_data.tokenizer)
     docs = itertools.islice(PileReader(train_data.train, keep_meta=True, shuffle=False), n)

@@ -24,17 +24,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.common import is_interpreting
+from llama_mini import kernels
+from llama_mini.kernels import reference
+from llama_mini.kernels.common import is_interpreting
 
 from conftest import check_kernel_result as check
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
 
 if kernels.triton_available():
-    from kernels.common import poisoned_outputs
-    from kernels.flash_attention import (
+    from llama_mini.kernels.common import poisoned_outputs
+    from llama_mini.kernels.flash_attention import (
         INTERPRETER_BLOCK,
         cu_seqlens_to_document_ids,
         flash_attention,
@@ -228,7 +228,7 @@ def test_inputs_without_a_contiguous_last_dim_are_copied_not_misread():
 def test_non_square_tiles(B, H, Hkv, Tq, Tk, D, causal, docs, tiles, monkeypatch):
     """Every GPU configuration has BLOCK_M != BLOCK_N; a mix-up of the two in loop bounds or
     mask splits is invisible with square tiles, so the interpreter runs both orientations."""
-    import kernels.flash_attention as fa
+    import llama_mini.kernels.flash_attention as fa
 
     monkeypatch.setattr(fa, "INTERPRETER_TILES", tiles)
     q, k, v = _inputs(B, H, Hkv, Tq, Tk, D, torch.float32, seed=Tq * Tk + D)
@@ -336,7 +336,7 @@ def test_mixed_dtypes_are_rejected():
 
 
 def test_backward_launcher_checks_what_it_is_given():
-    from kernels.flash_attention import attention_backward, attention_forward
+    from llama_mini.kernels.flash_attention import attention_backward, attention_forward
 
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     o, lse = attention_forward(q, q, q)

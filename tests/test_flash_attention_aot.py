@@ -23,7 +23,7 @@ def _bad_specs():
     """Configurations outside the tables, each unfit for sm_90 in one known way."""
     import torch
 
-    from kernels import flash_attention as fa
+    from llama_mini.kernels import flash_attention as fa
 
     base = next(s for s in fa.aot_specs(90, head_dims=(128,)) if s.kernel == "_attn_fwd")
     spills = dataclasses.replace(  # head dim 256: spilled in every tiling tried
@@ -42,8 +42,8 @@ def _bad_specs():
 def reports():
     """All compiles in one parallel batch (a few minutes on two cores): the kernels' own specs
     for each arch, plus the known-bad ones for sm_90."""
-    from kernels import aot
-    from kernels import flash_attention as fa
+    from llama_mini.kernels import aot
+    from llama_mini.kernels import flash_attention as fa
 
     bad = _bad_specs()
     results = aot.check(lambda arch: fa.aot_specs(arch) + (bad if arch == 90 else []), archs=(80, 90))
@@ -64,7 +64,7 @@ def test_every_config_compiles_without_spills_within_shared_memory_on_tensor_cor
 
 @pytest.mark.slow
 def test_every_autotune_config_and_head_dim_was_compiled(reports):
-    from kernels import flash_attention as fa
+    from llama_mini.kernels import flash_attention as fa
 
     labels = {(r.arch, r.label) for r in reports[0]}
     for arch in (80, 90):
@@ -87,7 +87,7 @@ def test_the_checker_catches_spills_shared_memory_and_missing_tensor_cores(repor
 
 
 def test_report_problems_from_numbers():
-    from kernels.aot import CompileReport
+    from llama_mini.kernels.aot import CompileReport
 
     fit = CompileReport("k", 90, registers=128, stack=0, local=0, shared=1000, shared_limit=2000, mma={"HGMMA": 4})
     assert fit.problems() == []

@@ -3,7 +3,7 @@ cross-entropy), checked without a GPU.
 
 Every kernel each launcher can pick, in every block configuration its heuristics choose for
 realistic sizes (each module's ``aot_specs(arch)``), is compiled ahead of time for sm_80 (A100)
-and sm_90 (H100) by ``kernels.aot``. From each cubin: no register spills and shared memory
+and sm_90 (H100) by ``llama_mini.kernels.aot``. From each cubin: no register spills and shared memory
 within the target's limit; and the fused linear + cross-entropy's matrix products run on the
 tensor cores (HMMA on sm_80, Hopper's warpgroup HGMMA on sm_90).
 """
@@ -24,14 +24,14 @@ ARCHS = (80, 90)
 def _specs(arch: int) -> list:
     specs = []
     for name in MODULES:
-        specs += importlib.import_module(f"kernels.{name}").aot_specs(arch)
+        specs += importlib.import_module(f"llama_mini.kernels.{name}").aot_specs(arch)
     return specs
 
 
 @pytest.fixture(scope="module")
 def reports() -> dict:
     """(arch, module) -> [(spec, report)] from one parallel batch of compiles."""
-    from kernels import aot
+    from llama_mini.kernels import aot
 
     results = aot.check(_specs, archs=ARCHS)  # arch-major, in spec order
     specs = [(arch, s) for arch in ARCHS for s in _specs(arch)]
@@ -48,7 +48,7 @@ def reports() -> dict:
 @pytest.mark.parametrize("module", MODULES)
 def test_every_kernel_compiles_without_spills_within_shared_memory(reports, module, arch):
     mine = reports.get((arch, module), [])
-    assert mine, f"kernels.{module}.aot_specs({arch}) compiled nothing"
+    assert mine, f"llama_mini.kernels.{module}.aot_specs({arch}) compiled nothing"
     bad = [f"{s.kernel} {r.label}: {'; '.join(r.problems())}" for s, r in mine if r.problems()]
     assert not bad, "\n".join(bad)
 

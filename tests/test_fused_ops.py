@@ -11,15 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-import kernels.common
+from llama_mini import kernels
+from llama_mini.kernels.common import is_interpreting
 from llama_mini import ModelArgs, Transformer, ops
 from llama_mini.ops import IMPL_FIELDS
 
 from conftest import make_model
 
 # CPU tensors under the interpreter (CI), CUDA tensors with compiled kernels (TRITON_INTERPRET=0).
-DEVICE = torch.device("cpu" if kernels.common.is_interpreting() or not torch.cuda.is_available() else "cuda")
+DEVICE = torch.device("cpu" if is_interpreting() or not torch.cuda.is_available() else "cuda")
 pytestmark = pytest.mark.skipif(not ops.triton_runs_on(DEVICE)[0], reason=ops.triton_runs_on(DEVICE)[1])
 
 ALL_ON = {field: "triton" for field in IMPL_FIELDS}
@@ -197,7 +197,7 @@ def test_fused_loss_under_autocast_computes_in_the_autocast_dtype_with_fp32_weig
     assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
     x64 = x.detach().half().double().requires_grad_()
     w64 = w.detach().half().double().requires_grad_()
-    from kernels import reference
+    from llama_mini.kernels import reference
 
     ref = reference.linear_cross_entropy(x64, w64, targets, -100)
     ref.backward()
@@ -219,7 +219,7 @@ def test_fused_add_under_mixed_dtypes_adds_in_the_wider_dtype_without_falling_ba
     assert h.dtype == y.dtype == torch.float32
     (y.sum() + (h * h).sum()).backward()
     x64, r64, w64 = (t.detach().double().requires_grad_() for t in (x, r, w))
-    from kernels import reference
+    from llama_mini.kernels import reference
 
     y64, h64 = reference.add_rms_norm(x64, r64, w64, 1e-5)
     (y64.sum() + (h64 * h64).sum()).backward()

@@ -19,7 +19,7 @@ import time
 import pytest
 import zstandard
 
-from data.http import HTTPSourceError, HTTPStream, open_url
+from llama_mini.data.http import HTTPSourceError, HTTPStream, open_url
 
 PAYLOAD = os.urandom(200_000)
 FAST = dict(backoff=0.01, max_backoff=0.05, timeout=5.0)
@@ -148,7 +148,7 @@ def test_buffered_reader_and_headers(serve):
 
 def test_drop_resumes_at_exact_offsets(serve, caplog):
     url, requests = serve(file_server(PAYLOAD, cuts=[50_000, 60_000]))
-    with caplog.at_level(logging.WARNING, logger="data.http"):
+    with caplog.at_level(logging.WARNING, logger="llama_mini.data.http"):
         with io.BufferedReader(open_url(url, **FAST)) as reader:
             data = reader.read()
             raw = reader.raw
@@ -247,14 +247,14 @@ def test_transient_status_then_success(serve, status):
 
 
 def test_503_forever_gives_up(serve, caplog, monkeypatch):
-    import data.http
+    from llama_mini.data import http as http_module
 
     url, requests = serve(status_server([503] * 100))
     started = time.monotonic()
     delays = []
     real_sleep = time.sleep
-    monkeypatch.setattr(data.http.time, "sleep", lambda s: (delays.append(s), real_sleep(s)))
-    with caplog.at_level(logging.WARNING, logger="data.http"):
+    monkeypatch.setattr(http_module.time, "sleep", lambda s: (delays.append(s), real_sleep(s)))
+    with caplog.at_level(logging.WARNING, logger="llama_mini.data.http"):
         with pytest.raises(HTTPSourceError) as info:
             open_url(url, retries=3, backoff=0.01, max_backoff=0.02)
     message = str(info.value)
@@ -274,7 +274,7 @@ def test_connection_refused(caplog):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/pile/00.jsonl.zst"
-    with caplog.at_level(logging.WARNING, logger="data.http"):
+    with caplog.at_level(logging.WARNING, logger="llama_mini.data.http"):
         with pytest.raises(HTTPSourceError) as info:
             open_url(url, retries=2, **FAST)
     message = str(info.value)

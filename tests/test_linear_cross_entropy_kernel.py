@@ -25,15 +25,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.common import is_interpreting
+from llama_mini import kernels
+from llama_mini.kernels import reference
+from llama_mini.kernels.common import is_interpreting
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
 
 if kernels.triton_available():
-    from kernels.common import poisoned_outputs
-    from kernels.linear_cross_entropy import (
+    from llama_mini.kernels.common import poisoned_outputs
+    from llama_mini.kernels.linear_cross_entropy import (
         aot_specs,
         compute_dtype_for,
         default_chunk_size,
@@ -306,8 +306,8 @@ def test_errors_name_the_argument():
 
 def test_aot_specs_cover_every_config_the_launcher_can_pick():
     """Cheap bookkeeping (no compiling): each (large, small) config of both operand families
-    appears in aot_specs for both architecture families. ``python -m kernels.aot
-    kernels.linear_cross_entropy`` compiles them."""
+    appears in aot_specs for both architecture families. ``llama-mini aot
+    linear_cross_entropy`` compiles them."""
     for arch in (80, 90):
         specs = aot_specs(arch)
         assert all(s.kernel == "_matmul" for s in specs)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_model, tiny_args
-from kernels import reference
+from llama_mini.kernels import reference
 from llama_mini import Transformer, resolutions
 
 

@@ -69,7 +69,7 @@ def test_single_process_needs_no_distributed_setup():
 
 @pytest.mark.distributed
 def test_model_parallel_2_matches_single_process(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "mp_worker.py"), str(tmp_path)]
     for _attempt in range(2):

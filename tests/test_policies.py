@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.collate import Collator
-from data.packing import best_fit_decreasing
-from data.policies import (
+from llama_mini.data.collate import Collator
+from llama_mini.data.packing import best_fit_decreasing
+from llama_mini.data.policies import (
     POLICIES, PolicyCounts, SequencePolicy, TrainingSequence, build_policy, register_policy,
 )
 

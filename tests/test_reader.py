@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data.compression import CorruptShardError
-from data.reader import BadDocumentError, PileReader, assign_shards, describe_sample
-from data.sources import expand_sources
+from llama_mini.data.compression import CorruptShardError
+from llama_mini.data.reader import BadDocumentError, PileReader, assign_shards, describe_sample
+from llama_mini.data.sources import expand_sources
 from shards import records, write_corpus, write_shard
 
 
@@ -69,7 +69,7 @@ def test_formats_read_every_document_in_order(tmp_path, ext):
 
 
 def _plain_lines(path):
-    from data.sources import open_shard
+    from llama_mini.data.sources import open_shard
 
     with open_shard(path) as s:
         return list(s)
@@ -189,7 +189,7 @@ def test_every_reader_gets_a_share_when_shards_are_few():
 def test_model_parallel_needs_an_explicit_data_parallel_rank(corpus, monkeypatch):
     import torch.distributed as dist
 
-    import data.reader as reader_module
+    import llama_mini.data.reader as reader_module
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(reader_module, "_model_parallel_size", lambda: 2)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference
+from llama_mini.kernels import reference
 
 
 def test_rms_norm_matches_formula_in_float64():

@@ -26,18 +26,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.common import is_interpreting
+from llama_mini import kernels
+from llama_mini.kernels import reference
+from llama_mini.kernels.common import is_interpreting
 
 from conftest import check_kernel_result as check
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
 
 if kernels.triton_available():
-    import kernels.rms_norm as rn
-    from kernels.common import poisoned_outputs
-    from kernels.rms_norm import MAX_HIDDEN, add_rms_norm, rms_norm
+    import llama_mini.kernels.rms_norm as rn
+    from llama_mini.kernels.common import poisoned_outputs
+    from llama_mini.kernels.rms_norm import MAX_HIDDEN, add_rms_norm, rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() and not is_interpreting() else "cpu"
 FLOAT_DTYPES = [torch.float32, torch.float16]

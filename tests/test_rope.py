@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference
+from llama_mini.kernels import reference
 from llama_mini import ModelArgs, RopeScaling
 from llama_mini.rope import (
     RotaryEmbedding,
@@ -119,7 +119,7 @@ def test_apply_rotary_against_the_pairwise_formula(dtype, real):
     """Both implementations against the pair rotation written out in float64:
     y[2i] = x[2i] cos a - x[2i+1] sin a,  y[2i+1] = x[2i] sin a + x[2i+1] cos a; forward and
     backward, with shared (T, D/2) and per-sequence (B, T, D/2) angles."""
-    from kernels.reference import apply_rotary, apply_rotary_real
+    from llama_mini.kernels.reference import apply_rotary, apply_rotary_real
 
     rotate = apply_rotary_real if real else apply_rotary  # the compiled model's form, and the eager one
     torch.manual_seed(0)

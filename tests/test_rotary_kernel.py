@@ -25,15 +25,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.common import is_interpreting
+from llama_mini import kernels
+from llama_mini.kernels import reference
+from llama_mini.kernels.common import is_interpreting
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
 
 if kernels.triton_available():
-    from kernels.common import poisoned_outputs
-    from kernels.rotary import apply_rotary, rotary_config, rotary_forward
+    from llama_mini.kernels.common import poisoned_outputs
+    from llama_mini.kernels.rotary import apply_rotary, rotary_config, rotary_forward
 
 from llama_mini.config import RopeScaling
 from llama_mini.rope import rope_cos_sin, rope_frequencies

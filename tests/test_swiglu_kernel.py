@@ -25,15 +25,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.common import is_interpreting
+from llama_mini import kernels
+from llama_mini.kernels import reference
+from llama_mini.kernels.common import is_interpreting
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason=kernels.triton_unavailable_reason())
 
 if kernels.triton_available():
-    from kernels.common import poisoned_outputs
-    from kernels.swiglu import swiglu, swiglu_config
+    from llama_mini.kernels.common import poisoned_outputs
+    from llama_mini.kernels.swiglu import swiglu, swiglu_config
 
 DEVICE = "cuda" if torch.cuda.is_available() and not is_interpreting() else "cpu"
 FLOAT_DTYPES = [torch.float32, torch.float16]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import synthetic_corpus
-from data.reader import PileReader
-from data.tokenized import StreamingTokenizedDataset, TokenizedDataset, tokenize_document
+from llama_mini.data.reader import PileReader
+from llama_mini.data.tokenized import StreamingTokenizedDataset, TokenizedDataset, tokenize_document
 from shards import write_shard
 
 
@@ -94,8 +94,8 @@ def test_tokenizer_interface_is_checked():
 
 
 def test_policies_trust_only_examples_the_encoder_checked(trained_tokenizer):
-    from data.policies import POLICIES, build_policy
-    from data.tokenized import Example
+    from llama_mini.data.policies import POLICIES, build_policy
+    from llama_mini.data.tokenized import Example
 
     # a hand-made Example is checked in full, like any dict
     with pytest.raises(ValueError, match="input_ids has 3 tokens but target_ids has 2"):

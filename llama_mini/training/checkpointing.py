@@ -162,7 +162,7 @@ def _load(path: str) -> Any:
 def load_checkpoint(path: str, *, dist_info: DistInfo, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Load weights, optimizer state and RNG states of this rank from checkpoint ``path``;
     return (trainer_state, data_state). The process layout must be the one it was saved with
-    (reshard the weights with ``python -m llama_mini.reshard`` to change model parallelism and
+    (reshard the weights with ``llama-mini reshard`` to change model parallelism and
     start a new run from them)."""
     from ..checkpoint import load_meta_state_dict
 
@@ -172,7 +172,7 @@ def load_checkpoint(path: str, *, dist_info: DistInfo, model: nn.Module, optimiz
     if saved != now:
         raise ValueError(
             f"{path} was saved with layout {saved} but this run has {now}; exact resume needs the same "
-            "layout (the weights alone can be resharded: python -m llama_mini.reshard)"
+            "layout (the weights alone can be resharded: llama-mini reshard)"
         )
     weights = load_meta_state_dict(path, dist_info.mp_rank, dist_info.mp_size)
     device = next(model.parameters()).device

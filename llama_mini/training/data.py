@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from data import DataPipeline, Tokenizer
+from ..data import DataPipeline, Tokenizer
 
 from .config import DataConfig
 from .distributed import DistInfo, barrier
@@ -46,7 +46,7 @@ def resolve_data(cfg: DataConfig, dist_info: DistInfo, progress: bool = True) ->
                 "tokenizer .model (e.g. Meta's tokenizer.model, or one from llama_mini.train_tokenizer)"
             )
         return ResolvedData(list(cfg.train), list(cfg.val), cfg.tokenizer, builtin=False)
-    from data.builtin import ensure_default_data
+    from ..data.builtin import ensure_default_data
 
     if dist_info.is_main:
         dd = ensure_default_data(vocab_size=cfg.default_vocab, progress=progress)

@@ -74,14 +74,14 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
         self._log_file = open(os.path.join(self.run_dir, "train.log"), "a", encoding="utf-8") if self.dist.is_main else None
 
-        from data import Tokenizer
+        from ..data import Tokenizer
 
         # data and tokenizer
         show = self.dist.is_main and cfg.logging.progress
         self.data = resolve_data(cfg.data, self.dist, progress=show)
         self.tokenizer = Tokenizer(self.data.tokenizer)
         if self.data.val:
-            from data import expand_sources
+            from ..data import expand_sources
 
             try:
                 expand_sources(self.data.val)  # fail now, not at the first evaluation
