@@ -1,22 +1,25 @@
 """Data pipeline for llama-mini: document readers, tokenized datasets, sequence-length policies
-and collators. Never imports ``llama_mini``.
+and collators. Installed as ``llama_mini.data`` (from the folder ``data/``); it never imports the
+rest of ``llama_mini`` and imports its own modules relatively.
 
-    from data import DataPipeline, Tokenizer, ensure_default_data
+    from llama_mini.data import DataPipeline, Tokenizer, ensure_default_data
     dd = ensure_default_data()                       # built-in default data, built once
     pipe = DataPipeline.build(dd.train, Tokenizer(dd.tokenizer), policy="pad+impute", max_len=256)
     for batch in pipe: ...                           # {"input_ids": (B, T), "target_ids": (B, T)}
 
-Stages, each usable alone (see ``docs/data.md``):
-  ``data.reader``     ``PileReader``: streaming ``.jsonl.zst``/``.gz``/``.jsonl`` from files, dirs,
+Stages, each usable alone (see ``docs/data.md``), as modules of ``llama_mini.data``:
+  ``reader``          ``PileReader``: streaming ``.jsonl.zst``/``.gz``/``.jsonl`` from files, dirs,
                       globs and URLs; sharding over ranks and workers; shuffle; exact resume
-  ``data.tokenized``  ``TokenizedDataset`` / ``StreamingTokenizedDataset``: BOS + tokens -> tokens + EOS
-  ``data.policies``   sequence-length policies by name (``build_policy``) and their counts
-  ``data.collate``    collators: sequences -> (B, T) tensors
-  ``data.pipeline``   ``DataPipeline``: all of it with one ``state_dict``
-  ``data.builtin``    the built-in default data (Python's standard library as a Pile-format corpus)
-  ``data.tokenizer``  the SentencePiece ``Tokenizer`` and ``train_tokenizer`` (re-exported by llama_mini)
+  ``tokenized``       ``TokenizedDataset`` / ``StreamingTokenizedDataset``: BOS + tokens -> tokens + EOS
+  ``policies``        sequence-length policies by name (``build_policy``) and their counts
+  ``collate``         collators: sequences -> (B, T) tensors
+  ``pipeline``        ``DataPipeline``: all of it with one ``state_dict``
+  ``builtin``         the built-in default data (Python's standard library as a Pile-format corpus)
+  ``preview``         the ``llama-mini data`` command: what a policy makes of some data
+  ``tokenizer``       the SentencePiece ``Tokenizer`` and ``train_tokenizer`` (re-exported by llama_mini)
 """
 
+from .builtin import DefaultData, default_cache_dir, ensure_default_data
 from .collate import Collator, DocMaskCollator, build_collator
 from .compression import CorruptShardError
 from .http import HTTPSourceError
@@ -26,16 +29,6 @@ from .reader import BadDocumentError, PileReader, describe_sample
 from .sources import expand_sources, open_shard
 from .tokenized import StreamingTokenizedDataset, TokenizedDataset, tokenize_document
 from .tokenizer import Tokenizer, train_tokenizer
-
-
-def __getattr__(name: str):
-    # data.builtin is imported on first use, so ``python -m data.builtin`` does not find it
-    # already imported (runpy warns about that)
-    if name in ("DefaultData", "default_cache_dir", "ensure_default_data"):
-        from . import builtin
-
-        return getattr(builtin, name)
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
 
 __all__ = [
     "PileReader", "describe_sample", "expand_sources", "open_shard",

@@ -1,11 +1,11 @@
 """Built-in default data: a small Pile-format corpus and tokenizer made from Python's own stdlib.
 
-    from data.builtin import ensure_default_data
+    from llama_mini.data.builtin import ensure_default_data
     dd = ensure_default_data()        # builds once (about ten seconds), reused afterwards
     dd.train, dd.val, dd.test         # directories of .jsonl.zst shards
     dd.tokenizer                      # tokenizer.model trained on the train split
 
-    python -m data.builtin [--cache-dir DIR] [--force]      # build (if needed) and print paths
+    llama-mini build-data [--cache-dir DIR] [--force]       # build (if needed) and print paths
 
 Why the standard library: ``python train.py`` with no arguments must have real text to train on,
 on a fresh machine with no network. Every Python installation carries its standard library's
@@ -608,15 +608,19 @@ def ensure_default_data(
     return DefaultData.at(target)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m data.builtin``: build the default data if needed and print where it is."""
-    parser = argparse.ArgumentParser(prog="python -m data.builtin", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "llama-mini build-data") -> argparse.ArgumentParser:
+    """``llama-mini build-data``: build the default data if needed and print where it is."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help=f"cache directory (default {default_cache_dir()})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a valid build exists")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="tokenizer pieces")
     parser.add_argument("--max-train-bytes", type=int, default=None, help="cap on train text bytes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Build (or reuse) the default data under ``args.cache_dir`` and print its paths and sizes."""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     dd = ensure_default_data(args.cache_dir, vocab_size=args.vocab_size, progress=not args.quiet,
                              max_train_bytes=args.max_train_bytes, force=args.force)
@@ -630,7 +634,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vocab_size: {m['tokenizer']['vocab_size']}")
     print(f"python: {m['python_version']}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,9 +19,11 @@ parallel, because each compile takes a second or more.
 
 Run by hand::
 
-    python -m kernels.aot kernels.flash_attention [--arch 80 90] [--jobs 2]
+    llama-mini aot flash_attention [--arch 80 90] [--jobs 2]
 
-prints one line per kernel, configuration and target, and exits 1 if any has a problem.
+(any kernel module of this package, by its short name or as ``llama_mini.kernels.flash_attention``)
+prints one line per kernel, configuration and target, and exits 1 if any has a problem. The
+compile workers run ``python -m llama_mini.kernels.aot --worker``.
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def check(
     procs = []
     for chunk in chunks:
         payload = json.dumps([{"spec": s.to_json(), "arch": a, "index": i} for i, s, a in chunk])
-        p = subprocess.Popen([sys.executable, "-m", "kernels.aot", "--worker"], stdin=subprocess.PIPE,
+        p = subprocess.Popen([sys.executable, "-m", f"{__package__}.aot", "--worker"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env())
         procs.append((p, payload))
     results: list[tuple[int, int, CompileReport]] = []
@@ -233,24 +235,52 @@ def _worker() -> None:
     json.dump(out, sys.stdout)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("module", nargs="?", help="a kernel module with aot_specs(), e.g. kernels.flash_attention")
+def build_parser(prog: str = "llama-mini aot") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("module", nargs="?",
+                        help="a kernel module with aot_specs(): flash_attention, rms_norm, rotary, swiglu, "
+                             "cross_entropy, linear_cross_entropy (or its full name, llama_mini.kernels.NAME)")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities (default 80 90)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _kernel_module(name: str):
+    """The kernel module ``name`` (short, ``flash_attention``, or full) with an ``aot_specs``."""
+    package = __package__  # this package, whatever it is installed as (llama_mini.kernels)
+    full = name if "." in name else f"{package}.{name}"
+    try:
+        module = importlib.import_module(full)
+    except ModuleNotFoundError as e:
+        if e.name != full:
+            raise
+        raise ValueError(f"no kernel module {name!r} (looked for {full})") from None
+    if not hasattr(module, "aot_specs"):
+        raise ValueError(f"{full} has no aot_specs(): not a kernel module with compile checks")
+    return module
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Compile and print the reports; exit status 1 if any configuration has a problem."""
     if args.worker:
         _worker()
         return 0
     if not args.module:
-        parser.error("name a kernel module, e.g. kernels.flash_attention")
-    reports = check(importlib.import_module(args.module).aot_specs, args.arch, args.jobs)
+        parser.error("name a kernel module, e.g. flash_attention")
+    reports = check(_kernel_module(args.module).aot_specs, args.arch, args.jobs)
     for r in reports:
         print(r.line())
     bad = [r for r in reports if r.problems()]
     print(f"{len(reports) - len(bad)}/{len(reports)} fit; {len(bad)} with problems")
     return 1 if bad else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the checker on ``argv`` with plain argparse (the ``llama-mini aot`` command wraps the
+    same parser and ``run`` with one-line errors)."""
+    parser = build_parser("python -m llama_mini.kernels.aot")
+    return run(parser.parse_args(argv), parser)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Command line: generate text from a Meta-format checkpoint on the KV-cache path.
+"""The ``generate`` command: text from a Meta-format checkpoint on the KV-cache path.
 
-    python -m llama_mini.generate --checkpoint DIR --prompt "The meaning of life is"
+    llama-mini generate --checkpoint DIR --prompt "The meaning of life is"
 
 DIR holds ``consolidated.NN.pth`` shard(s) + ``params.json`` (as written by
 ``save_meta_checkpoint`` or by Meta), with a ``tokenizer.model`` beside them (or pass
@@ -17,13 +17,11 @@ import torch
 
 from .generation import generate
 
-__all__ = ["main"]
+__all__ = ["build_parser", "run", "main"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m llama_mini.generate", description="Generate text from a Meta-format checkpoint."
-    )
+def build_parser(prog: str = "llama-mini generate") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Generate text from a Meta-format checkpoint.")
     parser.add_argument("--checkpoint", required=True,
                         help="directory with consolidated.NN.pth and params.json, or a training run's checkpoints/ (its latest)")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: CHECKPOINT/tokenizer.model)")
@@ -39,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         help="context length (default: the checkpoint's llama_mini.json, else 2048); prompt + new tokens must fit",
     )
     parser.add_argument("--attn-backend", default=None, help="attention backend override (eager, sdpa, ...)")
-    ns = parser.parse_args(argv)
+    return parser
 
+
+def run(ns: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Decode ``ns.prompt`` as one batch and print each completion. A checkpoint or tokenizer
+    that cannot be used raises with a message naming the file."""
     from .checkpoint import load_meta_checkpoint, resolve_checkpoint_dir
     from .tokenizer import Tokenizer
 
@@ -52,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["max_seq_len"] = ns.max_seq_len
     model = load_meta_checkpoint(checkpoint, device=ns.device, dtype=getattr(torch, ns.dtype), **overrides)
     if model.args.vocab_size < tokenizer.vocab_size:
-        raise SystemExit(
-            f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}"
+        raise ValueError(
+            f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model in {checkpoint} only "
+            f"{model.args.vocab_size}; pass the tokenizer it was trained with (--tokenizer)"
         )
     model.eval()
     generator = torch.Generator(device=ns.device).manual_seed(ns.seed)
@@ -68,5 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``llama-mini generate ARGS`` from Python: the exit status, errors reported in one line."""
+    from .cli import run_command
+
+    return run_command("generate", list(sys.argv[1:] if argv is None else argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_command
+
+    sys.exit(run_command("generate", sys.argv[1:], prog="llama-mini generate"))

@@ -1,10 +1,10 @@
 """Reshard a Meta-format checkpoint: merge model-parallel shards into one, or split into N.
 
-    python -m llama_mini.reshard SRC DST --mp N [--force] [--quiet]
+    llama-mini reshard SRC DST --mp N [--force] [--quiet]
 
-    python -m llama_mini.reshard llama-2-13b/ llama-2-13b-mp1/ --mp 1    # 2 shards -> 1
-    python -m llama_mini.reshard ckpt/ ckpt-mp4/ --mp 4                  # 1 shard  -> 4
-    python -m llama_mini.reshard runs/exp1/checkpoints/ out/ --mp 2      # follows `latest`
+    llama-mini reshard llama-2-13b/ llama-2-13b-mp1/ --mp 1    # 2 shards -> 1
+    llama-mini reshard ckpt/ ckpt-mp4/ --mp 4                  # 1 shard  -> 4
+    llama-mini reshard runs/exp1/checkpoints/ out/ --mp 2      # follows `latest`
 
 SRC is a checkpoint directory holding ``consolidated.{rank:02d}.pth`` (one per model-parallel
 rank) and usually ``params.json``; or a training-run checkpoint root holding a text file
@@ -188,9 +188,9 @@ def reshard_checkpoint(
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser(prog: str = "llama-mini reshard") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama_mini.reshard",
+        prog=prog,
         description="Merge a Meta-format checkpoint's model-parallel shards (consolidated.NN.pth) "
         "and split them into --mp shards in a new directory.",
     )
@@ -202,17 +202,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="overwrite a DST that already holds shards; stale shards (rank >= N) are removed")
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    args = parser.parse_args(argv)
-    try:
-        written = reshard_checkpoint(args.src, args.dst, args.mp, force=args.force,
-                                     progress=None if args.quiet else print)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """The ``reshard`` command on parsed ``args``; a checkpoint that cannot be resharded raises."""
+    written = reshard_checkpoint(args.src, args.dst, args.mp, force=args.force,
+                                 progress=None if args.quiet else print)
     if not args.quiet:
         print(f"done: {args.mp} shard(s), {len(written)} file(s) written to {args.dst}")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``llama-mini reshard ARGS`` from Python: the exit status, errors reported in one line."""
+    from .cli import run_command
+
+    return run_command("reshard", list(sys.argv[1:] if argv is None else argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_command
+
+    sys.exit(run_command("reshard", sys.argv[1:], prog="llama-mini reshard"))

@@ -1,9 +1,9 @@
 """Chinchilla scaling: compute-optimal model and data size for a FLOP budget, with and without
 a cap on unique data, and a LLaMA shape of about that size.
 
-    python -m llama_mini.scaling --flops 1e21
-    python -m llama_mini.scaling --flops 1e21 --unique-tokens 1e10 --json
-    python -m llama_mini.scaling --params 7e9 --tokens 2e12     # just C = 6ND and the loss
+    llama-mini scaling --flops 1e21
+    llama-mini scaling --flops 1e21 --unique-tokens 1e10 --json
+    llama-mini scaling --params 7e9 --tokens 2e12     # just C = 6ND and the loss
 
     from llama_mini.scaling import ChinchillaFit, suggest_shape
     opt = ChinchillaFit().optimal(1e21)          # .n_params, .n_tokens, .loss, ...
@@ -278,8 +278,8 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m llama_mini.scaling", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "llama-mini scaling") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--flops", type=_number(), help="training compute budget C in FLOPs, e.g. 1e21")
     p.add_argument("--params", type=_number(), help="with --tokens instead of --flops: a model size N")
     p.add_argument("--tokens", type=_number(), help="with --params: training tokens D")
@@ -334,9 +334,8 @@ def _report(out: dict, fit: ChinchillaFit) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    ns = parser.parse_args(argv)
+def run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The ``scaling`` command on parsed ``ns``: prints the report (or JSON)."""
     if ns.flops is not None and (ns.params is not None or ns.tokens is not None):
         parser.error("give either --flops or --params with --tokens, not both")
     if ns.flops is None and (ns.params is None or ns.tokens is None):
@@ -365,5 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``llama-mini scaling ARGS`` from Python: the exit status, errors reported in one line."""
+    from .cli import run_command
+
+    return run_command("scaling", list(sys.argv[1:] if argv is None else argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_command
+
+    sys.exit(run_command("scaling", sys.argv[1:], prog="llama-mini scaling"))

@@ -19,11 +19,10 @@ import time
 import pytest
 import zstandard
 
-from data import builtin
-from data.builtin import DEFAULT_DATA_VERSION, DefaultData, default_cache_dir, ensure_default_data
-from data.tokenizer import Tokenizer
+from llama_mini.data import builtin
+from llama_mini.data.builtin import DEFAULT_DATA_VERSION, DefaultData, default_cache_dir, ensure_default_data
+from llama_mini.data.tokenizer import Tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(vocab_size=512, max_train_bytes=2_000_000)
 SETS = {"python-stdlib-source", "python-stdlib-docstrings"}
 
@@ -205,7 +204,7 @@ def test_damaged_cache_is_rebuilt_identically(copy_of_built, built, damage, capl
             f.truncate(os.path.getsize(shard) // 2)
     else:
         os.remove(dd.tokenizer)
-    with caplog.at_level("WARNING", logger="data.builtin"):
+    with caplog.at_level("WARNING", logger="llama_mini.data.builtin"):
         rebuilt = ensure_default_data(cache, progress=False, **SMALL)
     assert rebuilt == dd
     assert "not a valid build" in caplog.text
@@ -253,7 +252,7 @@ def test_force_rebuilds(copy_of_built, built):
 WORKER = """
 import json, logging, sys, time
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from data.builtin import ensure_default_data
+from llama_mini.data.builtin import ensure_default_data
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together
 dd = ensure_default_data(sys.argv[1], vocab_size=512, max_train_bytes=2_000_000, progress=False)
 print(json.dumps({"paths": dd.__dict__, "manifest": dd.manifest()}, sort_keys=True))
@@ -262,10 +261,9 @@ print(json.dumps({"paths": dd.__dict__, "manifest": dd.manifest()}, sort_keys=Tr
 
 def test_concurrent_processes_build_once_and_agree(tmp_path):
     cache = str(tmp_path / "cache")
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start_at = str(time.time() + 1.5)
     procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, cache, start_at], cwd=REPO, env=env,
+        subprocess.Popen([sys.executable, "-c", WORKER, cache, start_at], cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
@@ -283,9 +281,9 @@ def test_concurrent_processes_build_once_and_agree(tmp_path):
 def test_cli_prints_paths_and_reuses(built):
     mtime = os.stat(built.manifest_path).st_mtime_ns
     out = subprocess.run(
-        [sys.executable, "-m", "data.builtin", "--cache-dir", os.path.dirname(built.root),
+        [sys.executable, "-m", "llama_mini", "build-data", "--cache-dir", os.path.dirname(built.root),
          "--vocab-size", "512", "--max-train-bytes", "2000000", "--quiet"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=os.path.dirname(built.root), capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert f"root: {built.root}\n" in out.stdout and f"tokenizer: {built.tokenizer}\n" in out.stdout

@@ -7,10 +7,10 @@ import io
 import pytest
 import torch
 
-import kernels.common
+from llama_mini.kernels.common import is_interpreting
 
 from conftest import synthetic_corpus, tiny_args
-from data.pipeline import DataPipeline
+from llama_mini.data.pipeline import DataPipeline
 from shards import write_shard
 
 POLICY_SETTINGS = [
@@ -116,14 +116,14 @@ def test_packed_docmask_batches_run_through_the_model(shards, trained_tokenizer)
         torch.testing.assert_close(logits[row, start:end], alone[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not kernels.common.is_interpreting(), reason="the model runs on CPU: needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not is_interpreting(), reason="the model runs on CPU: needs TRITON_INTERPRET=1")
 def test_packed_docmask_batches_give_the_same_loss_and_gradients_on_every_attention_backend(
     shards, trained_tokenizer, monkeypatch
 ):
     """A real packed-docmask batch through the model: eager and sdpa build the block-diagonal
     causal mask, triton skips and masks tiles in the kernel; losses and every parameter's
     gradient agree (fp32; tolerances as in test_model's backend comparison)."""
-    import kernels.flash_attention as fa
+    import llama_mini.kernels.flash_attention as fa
     from llama_mini import Transformer
 
     kernel_calls = []
@@ -152,7 +152,7 @@ def test_packed_docmask_batches_give_the_same_loss_and_gradients_on_every_attent
 
 
 def test_resume_needs_a_reader_with_state(trained_tokenizer):
-    from data.policies import build_policy
+    from llama_mini.data.policies import build_policy
 
     pipe = DataPipeline(synthetic_corpus(8), trained_tokenizer, build_policy("pad+impute", max_len=16), 2)
     next(iter(pipe))
@@ -173,7 +173,7 @@ def test_command_line_selects_a_policy_by_name(shards, trained_tokenizer):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "data", "--source", shards, "--tokenizer", trained_tokenizer.model_path,
+    cmd = [sys.executable, "-m", "llama_mini", "data", "--source", shards, "--tokenizer", trained_tokenizer.model_path,
            "--policy", "informed", "--max-len", "16", "--tolerance", "20", "--batch-size", "4", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -184,14 +184,14 @@ def test_command_line_selects_a_policy_by_name(shards, trained_tokenizer):
     assert counts == expected.counts()
     assert counts["policy"]["tokens_dropped"] > 0  # tolerance 20 > max_len: short overflows dropped
     bad = subprocess.run(cmd[:-1] + ["--policy", "nope"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 def test_command_line_naive_policy_needs_no_max_len(shards, trained_tokenizer, capsys):
     import json
 
-    from data.__main__ import main
+    from llama_mini.cli import main
 
-    assert main(["--source", shards, "--tokenizer", trained_tokenizer.model_path, "--policy", "naive-impute", "--json"]) == 0
+    assert main(["data", "--source", shards, "--tokenizer", trained_tokenizer.model_path, "--policy", "naive-impute", "--json"]) == 0
     counts = json.loads(capsys.readouterr().out)
     assert counts["policy"]["documents"] == 40 and counts["policy"]["sequences"] > 0

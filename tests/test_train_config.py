@@ -136,7 +136,8 @@ def test_bad_config_on_the_command_line_fails_before_any_work(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--run.out_dir", str(tmp_path),
                           "--data.policy", "nope"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.startswith("error: data.policy: 'nope' is not one of")
+    assert out.stderr.startswith("python train.py: error: data.policy: 'nope' is not one of")
+    assert out.stderr.count("\n") == 1, out.stderr
     assert os.listdir(tmp_path) == []  # no run directory, no data built
     out = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--print-config", "--model.dim", "96"],
                          capture_output=True, text=True, timeout=120)

@@ -1,2 +1,3 @@
 """Training: configuration, distributed set-up, optimiser and schedule, checkpoints with exact
-resume, evaluation and metrics. ``train.py`` at the repository root is the entry point."""
+resume, evaluation and metrics. ``llama_mini.training.command`` is the entry point (``llama-mini train``,
+and ``train.py`` at the repository root)."""

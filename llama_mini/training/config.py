@@ -4,7 +4,7 @@
     cfg = load_config(preset="debug", files=["my.toml"], overrides=["--model.dim", "128"])
     cfg.model.dim, cfg.data.policy, cfg.optim.lr, cfg.schedule.steps, cfg.parallel.model
 
-Sections (``python train.py --help`` lists every option with its meaning):
+Sections (``llama-mini train --help`` (or ``python train.py --help``) lists every option with its meaning):
 
     model     ``ModelArgs`` (llama_mini.config), plus ``model.preset``: the ModelArgs preset the
               section starts from. ``model.vocab_size`` -1 means "the tokenizer's, rounded up".
@@ -285,7 +285,7 @@ def _show(value: Any) -> str:
 
 
 def _policy_names() -> list[str]:
-    from data import POLICIES
+    from ..data import POLICIES
 
     return sorted(POLICIES)
 
@@ -310,7 +310,7 @@ def build_config(flat: dict[str, tuple[Any, str]]) -> TrainConfig:
     for key, (_, origin) in flat.items():
         if key not in names:
             near = difflib.get_close_matches(key, names, n=3)
-            hint = f"; did you mean {', '.join(near)}?" if near else "; see python train.py --help"
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise ConfigError(f"{origin}: unknown option {key!r}{hint}")
     model_values = {"vocab_size": -1}
     if "model.preset" in flat:

@@ -28,9 +28,9 @@ every position of a window is a counted target), and evaluates about the same nu
 
 The trained context is the checkpoint's ``max_seq_len``. Run it::
 
-    python -m llama_mini.training.evaluate --checkpoint runs/x/checkpoints \\
+    llama-mini evaluate --checkpoint runs/x/checkpoints \\
         --context 256 512 1024 --rope-scaling none linear:2 ntk:4 --out ppl.json
-    python train.py evaluate --checkpoint ...      # the same, through the trainer
+    python train.py evaluate --checkpoint ...      # the same, from a checkout
 
 ``--checkpoint`` is a Meta checkpoint directory, or a training run's checkpoint root whose file
 ``latest`` names the step directory to use. ``--data`` defaults to the built-in default data's
@@ -168,7 +168,7 @@ def _find_tokenizer(root: str, resolved: str) -> str:
 
 def _eval_batches(sources: Any, tokenizer: Any, L: int, batch_size: int, max_tokens: int, ignore_index: int) -> list:
     """The first ceil(max_tokens / (L * batch_size)) batches of full L-token windows."""
-    from data.pipeline import DataPipeline
+    from ..data.pipeline import DataPipeline
 
     n_batches = -(-max_tokens // (L * batch_size))
     pipe = DataPipeline.build(sources, tokenizer, policy="impute", max_len=L, batch_size=batch_size,
@@ -210,7 +210,7 @@ def perplexity_at_lengths(
     it), and the batches of each length are built once and reused across scalings. ``dtype``
     other than float32 runs the forward under ``torch.autocast``; the weights stay fp32.
     """
-    from data.tokenizer import Tokenizer
+    from ..data.tokenizer import Tokenizer
 
     lengths = [int(L) for L in context_lengths]
     if not lengths or any(L < 1 for L in lengths):
@@ -271,9 +271,9 @@ def format_table(rows: list[dict]) -> str:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "llama-mini evaluate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py evaluate",
+        prog=prog,
         description="Validation loss and perplexity of a checkpoint at several context lengths and RoPE "
                     "scalings (documents concatenated and cut into full windows of each length).",
     )
@@ -301,46 +301,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
-        return int(e.code or 0)
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        tokenizer = args.tokenizer
-        sources = args.data
-        if sources is None:
-            from data.builtin import ensure_default_data
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """The ``evaluate`` command on parsed ``args``: prints the table, writes ``--out``. Failures
+    (a missing checkpoint, bad data, a context the model cannot take) raise; the command line
+    reports them in one line (``llama_mini.cli``)."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = args.tokenizer
+    sources = args.data
+    if sources is None:
+        from ..data.builtin import ensure_default_data
 
-            sources = ensure_default_data().val
-        rows = perplexity_at_lengths(
-            args.checkpoint, sources, tokenizer=tokenizer, context_lengths=args.context,
-            rope_scalings=args.rope_scaling, batch_size=args.batch_size, max_tokens=args.max_tokens,
-            device=device, dtype=_DTYPES[args.dtype], attn_backend=args.attn_backend, progress=not args.quiet,
-        )
-        print(format_table(rows))
-        if args.out:
-            report = {
-                "checkpoint": os.path.abspath(resolve_checkpoint_dir(args.checkpoint)),
-                "data": sources if isinstance(sources, list) else [sources],
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "device": device_name(device),
-                "dtype": args.dtype,
-                "torch": torch.__version__,
-                "batch_size": args.batch_size,
-                "max_tokens": args.max_tokens,
-                "rows": rows,
-            }
-            # ppl may be inf: json writes Infinity, which Python's json reads back
-            atomic_write_text(json.dumps(report, indent=2) + "\n", args.out)
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        sources = ensure_default_data().val
+    rows = perplexity_at_lengths(
+        args.checkpoint, sources, tokenizer=tokenizer, context_lengths=args.context,
+        rope_scalings=args.rope_scaling, batch_size=args.batch_size, max_tokens=args.max_tokens,
+        device=device, dtype=_DTYPES[args.dtype], attn_backend=args.attn_backend, progress=not args.quiet,
+    )
+    print(format_table(rows))
+    if args.out:
+        report = {
+            "checkpoint": os.path.abspath(resolve_checkpoint_dir(args.checkpoint)),
+            "data": sources if isinstance(sources, list) else [sources],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(device),
+            "dtype": args.dtype,
+            "torch": torch.__version__,
+            "batch_size": args.batch_size,
+            "max_tokens": args.max_tokens,
+            "rows": rows,
+        }
+        # ppl may be inf: json writes Infinity, which Python's json reads back
+        atomic_write_text(json.dumps(report, indent=2) + "\n", args.out)
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``llama-mini evaluate ARGS`` from Python: the exit status, errors reported in one line."""
+    from ..cli import run_command
+
+    return run_command("evaluate", list(sys.argv[1:] if argv is None else argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..cli import run_command
+
+    sys.exit(run_command("evaluate", sys.argv[1:], prog="llama-mini evaluate"))

@@ -1,9 +1,9 @@
-"""Look at what a sequence-length policy makes of some data, from the command line.
+"""The ``data`` command: what a sequence-length policy makes of some data.
 
-    python -m data                                     # built-in default data, pad+impute, 256
-    python -m data --policy informed --max-len 100 --tolerance 50 --max-documents 128
-    python -m data --source "/data/pile/val/*.jsonl.zst" --tokenizer llama/tokenizer.model \\
-                   --policy packed-docmask --max-len 2048 --show 2
+    llama-mini data                                    # built-in default data, pad+impute, 256
+    llama-mini data --policy informed --max-len 100 --tolerance 50 --max-documents 128
+    llama-mini data --source "/data/pile/val/*.jsonl.zst" --tokenizer llama/tokenizer.model \\
+                    --policy packed-docmask --max-len 2048 --show 2
 
 Prints what the first records look like, runs the whole pipeline (reader -> tokenizer -> policy
 -> collator) over the documents, and reports the reader's and the policy's counts; ``--show N``
@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from .pipeline import DataPipeline
 from .policies import POLICIES
 from .reader import describe_sample
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m data", description=__doc__.split("\n\n")[0],
+__all__ = ["build_parser", "run"]
+
+
+def build_parser(prog: str = "llama-mini data") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", nargs="+", default=None,
                    help="files, directories, globs or URLs (default: the built-in default data's train split)")
@@ -39,11 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad lines: raise or skip and count")
     p.add_argument("--show", type=int, default=0, help="decode the first N sequences")
     p.add_argument("--json", action="store_true", help="print the counts as JSON only")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Print samples, the first ``--show`` sequences and the counts. Bad sources raise
+    (``CorruptShardError``, ``BadDocumentError``, ``FileNotFoundError``) naming the file and line."""
     from .tokenizer import Tokenizer
 
     source, tokenizer = args.source, args.tokenizer
@@ -87,7 +90,3 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['tokens_dropped'] / c['tokens_in']:.1%}; padding is {c['pad_tokens'] / max(1, c['pad_tokens'] + c['tokens_kept']):.1%} "
               f"of the batch positions")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
