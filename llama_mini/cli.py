@@ -99,8 +99,11 @@ def run_guarded(prog: str, body: Callable[[], int]) -> int:
         code = body()
         sys.stdout.flush()  # a closed pipe shows here, inside the guard, not at interpreter exit
         return int(code or 0)
-    except SystemExit as e:  # --help (0) and usage errors (2), already printed
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except SystemExit as e:  # --help (0) and usage errors (2) are already printed
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(f"{prog}{_where()}: error: {e.code}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}{_where()}: interrupted", file=sys.stderr)
         return 130

@@ -79,6 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
-
-    sys.exit(run_command("generate", sys.argv[1:], prog="llama-mini generate"))
+    sys.exit(main())

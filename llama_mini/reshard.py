@@ -222,6 +222,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
-
-    sys.exit(run_command("reshard", sys.argv[1:], prog="llama-mini reshard"))
+    sys.exit(main())

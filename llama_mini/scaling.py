@@ -372,6 +372,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
-
-    sys.exit(run_command("scaling", sys.argv[1:], prog="llama-mini scaling"))
+    sys.exit(main())

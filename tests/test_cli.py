@@ -119,6 +119,12 @@ def test_messages_stay_on_one_line_and_name_the_rank(monkeypatch, capsys):
     assert capsys.readouterr().err == \
         "llama-mini train (rank 1): error: RuntimeError: worker failed (exit 1): | line one | line two\n"
 
+    def exits():
+        raise SystemExit("no GPU here")
+
+    assert run_guarded("llama-mini train", exits) == 1
+    assert capsys.readouterr().err == "llama-mini train (rank 1): error: no GPU here\n"
+
     def interrupted():
         raise KeyboardInterrupt
 

@@ -343,6 +343,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run_command
-
-    sys.exit(run_command("evaluate", sys.argv[1:], prog="llama-mini evaluate"))
+    sys.exit(main())
