@@ -92,16 +92,14 @@ def main(argv: list[str] | None = None, prog: str = "llama-mini train") -> int:
     A bad option or value prints one line and returns 2; a failure of the run itself raises and
     is reported by ``llama_mini.cli.run_guarded`` (one line per failing rank, exit 1)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "evaluate":
-        from ..cli import one_line_errors
-        from . import evaluate
+    if argv and argv[0] == "evaluate":  # python train.py evaluate ...: the evaluate command
+        from ..cli import run_command
 
-        parser = one_line_errors(evaluate.build_parser(f"{prog} evaluate"))
-        return evaluate.run(parser.parse_args(argv[1:]), parser)
+        return run_command("evaluate", argv[1:], prog=f"{prog} evaluate")
     if "--help" in argv or "-h" in argv:
         print(_help(prog))
         return 0
-    from .config import ConfigError, load_config
+    from .config import load_config
 
     try:
         preset, files, show, rest = _split_args(argv)
