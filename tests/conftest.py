@@ -29,10 +29,6 @@ if "PYTHONPATH" in os.environ:
         os.environ["PYTHONPATH"] = os.pathsep.join(_kept)
     else:
         del os.environ["PYTHONPATH"]
-for _name in ("kernels", "data"):  # imported from the root before this ran: forget them
-    _mod = sys.modules.get(_name)
-    if _mod is not None and not _not_root(os.path.dirname(os.path.dirname(getattr(_mod, "__file__", None) or ""))):
-        del sys.modules[_name]
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
