@@ -22,8 +22,11 @@ Run by hand::
     llama-mini aot flash_attention [--arch 80 90] [--jobs 2]
 
 (any kernel module of this package, by its short name or as ``llama_mini.kernels.flash_attention``)
-prints one line per kernel, configuration and target, and exits 1 if any has a problem. The
-compile workers run ``python -m llama_mini.kernels.aot --worker``.
+prints the triton and ptxas versions it compiled with (spills differ between triton releases:
+see :func:`toolchain`), one line per kernel, configuration and target, and a summary, and exits 1
+if any has a problem. The compile workers run ``python -m llama_mini.kernels.aot --worker``
+with the same interpreter, so a virtual environment with another triton checks that triton
+(``bench/triton_compat.sh``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 __all__ = [
-    "KernelSpec", "CompileReport", "SHARED_LIMIT", "MMA_INSTRUCTION", "check", "compile_spec", "tool", "signature",
+    "KernelSpec", "CompileReport", "SHARED_LIMIT", "MMA_INSTRUCTION", "check", "compile_spec", "describe_toolchain",
+    "signature", "tool", "toolchain",
 ]
 
 # Maximum shared memory per block (opt-in), bytes: A100 163 KiB, H100 227 KiB.
@@ -116,6 +120,8 @@ class CompileReport:
     mma: dict[str, int] = field(default_factory=dict)  # mnemonic -> count, e.g. {"HGMMA": 24}
     expect_mma: bool = True
     error: str | None = None
+    triton: str = ""  # the triton version that compiled it
+    ptxas: str = ""  # the ptxas release triton ran for this target, e.g. "12.8.93"
 
     def problems(self) -> list[str]:
         """Human-readable reasons this kernel is unfit for the target (empty when fit)."""
@@ -149,6 +155,37 @@ def tool(name: str) -> str:
     return path
 
 
+def toolchain(arch: int) -> tuple[str, str]:
+    """(triton version, ptxas version) that compile for ``sm_{arch}`` in this process.
+
+    Spills depend on both: the triton wheel lowers the kernel to PTX and runs its own bundled
+    ``ptxas`` (triton 3.6 ships ptxas 12.8 for every target below sm_100; triton 3.9 ships 12.9
+    for sm_80 and runs its newer ``ptxas-blackwell`` from sm_90 up). ``TRITON_PTXAS_PATH`` and
+    its kin override the choice, so the version is asked of the ptxas triton would run."""
+    import triton
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        m = re.search(r"V(\d+(?:\.\d+)+)", get_ptxas_version(arch))
+        ptxas = m.group(1) if m else "unknown"
+    except Exception:  # an older or newer triton with another layout: the check still runs
+        ptxas = "unknown"
+    return triton.__version__, ptxas
+
+
+def describe_toolchain(reports: Sequence[CompileReport]) -> str:
+    """One phrase naming the triton and ptxas versions behind ``reports``, e.g. ``triton 3.6.0,
+    ptxas 12.8.93 (sm_80, sm_90)``."""
+    tritons = sorted({r.triton for r in reports if r.triton}) or ["unknown"]
+    by_ptxas: dict[str, list[int]] = {}
+    for r in reports:
+        if r.ptxas and r.arch not in by_ptxas.setdefault(r.ptxas, []):
+            by_ptxas[r.ptxas].append(r.arch)
+    ptxas = "; ".join(f"{v} ({', '.join(f'sm_{a}' for a in sorted(archs))})" for v, archs in sorted(by_ptxas.items()))
+    return f"triton {', '.join(tritons)}, ptxas {ptxas or 'unknown'}"
+
+
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _MMA = re.compile(r"\b(HGMMA|HMMA|IMMA|DMMA|UTCHMMA|UTCQMMA)\b")
 
@@ -160,6 +197,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileReport:
     from triton.compiler import ASTSource
 
     report = CompileReport(spec.label, arch, shared_limit=SHARED_LIMIT.get(arch, 48 * 1024), expect_mma=spec.expect_mma)
+    report.triton, report.ptxas = toolchain(arch)
     try:
         fn = getattr(importlib.import_module(spec.module), spec.kernel)
         if not hasattr(fn, "arg_names"):
@@ -269,10 +307,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.module:
         parser.error("name a kernel module, e.g. flash_attention")
     reports = check(_kernel_module(args.module).aot_specs, args.arch, args.jobs)
+    print(f"# {describe_toolchain(reports)}")
     for r in reports:
         print(r.line())
     bad = [r for r in reports if r.problems()]
-    print(f"{len(reports) - len(bad)}/{len(reports)} fit; {len(bad)} with problems")
+    print(f"{len(reports) - len(bad)}/{len(reports)} fit; {len(bad)} with problems ({describe_toolchain(reports)})")
     return 1 if bad else 0
 
 

@@ -54,10 +54,12 @@ def reports():
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_config_compiles_without_spills_within_shared_memory_on_tensor_cores(reports, arch, kind):
+    from llama_mini.kernels.aot import describe_toolchain
+
     mine = [r for r in reports[0] if r.arch == arch and r.label.startswith(kind)]
     assert mine, f"no {kind} kernels compiled for sm_{arch}"
     bad = [f"{r.label}: {'; '.join(r.problems())}" for r in mine if r.problems()]
-    assert not bad, "\n".join(bad)
+    assert not bad, f"with {describe_toolchain(mine)}:\n" + "\n".join(bad)
     want = {80: "HMMA", 90: "HGMMA"}[arch]
     assert all(r.mma.get(want, 0) > 0 for r in mine if r.expect_mma)
 
@@ -102,3 +104,15 @@ def test_report_problems_from_numbers():
     assert no_mma_needed.problems() == []
     failed = dataclasses.replace(fit, error="CompilationError: boom")
     assert failed.problems() == ["compile failed: CompilationError: boom"]
+
+
+def test_reports_name_the_triton_and_ptxas_versions():
+    from llama_mini.kernels.aot import CompileReport, describe_toolchain
+
+    reports = [CompileReport("k", 80, triton="3.9.0", ptxas="12.9.86"),
+               CompileReport("k", 90, triton="3.9.0", ptxas="13.4.59"),
+               CompileReport("j", 90, triton="3.9.0", ptxas="13.4.59")]
+    assert describe_toolchain(reports) == "triton 3.9.0, ptxas 12.9.86 (sm_80); 13.4.59 (sm_90)"
+    same = [dataclasses.replace(r, ptxas="12.8.93", triton="3.6.0") for r in reports]
+    assert describe_toolchain(same) == "triton 3.6.0, ptxas 12.8.93 (sm_80, sm_90)"
+    assert describe_toolchain([CompileReport("k", 90)]) == "triton unknown, ptxas unknown"

@@ -49,8 +49,10 @@ def reports() -> dict:
 def test_every_kernel_compiles_without_spills_within_shared_memory(reports, module, arch):
     mine = reports.get((arch, module), [])
     assert mine, f"llama_mini.kernels.{module}.aot_specs({arch}) compiled nothing"
+    from llama_mini.kernels.aot import describe_toolchain
+
     bad = [f"{s.kernel} {r.label}: {'; '.join(r.problems())}" for s, r in mine if r.problems()]
-    assert not bad, "\n".join(bad)
+    assert not bad, f"with {describe_toolchain([r for _, r in mine])}:\n" + "\n".join(bad)
 
 
 @pytest.mark.slow
