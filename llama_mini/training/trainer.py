@@ -3,20 +3,23 @@
     from llama_mini.training import Trainer, load_config
     summary = Trainer(load_config(overrides=["--schedule.steps", "100"])).run()
 
-One optimizer step, on every rank:
+One optimizer step, on every rank, is ``llama_mini.training.step.train_step``, the same function
+the experiment loop and the throughput benchmarks run (its docstring has the details):
 
   1. take ``schedule.grad_accum`` micro-batches from this data-parallel rank's streams;
   2. count the targets that count (``!= ignore_index``): n_j per micro-batch, N over the whole
      global batch (one all-reduce);
   3. for each micro-batch: loss_j = mean cross-entropy; backward of loss_j * n_j / N (times the
-     fp16 loss scale). Summed over micro-batches and data-parallel ranks these are the gradient of
-     the token-weighted mean loss of the global batch, whatever the layout, so one process with
-     accumulation and many processes give the same step;
-  4. after the last micro-batch only (no communication on the others): sum the gradients over the
-     data-parallel group, i.e. average them weighted by each rank's share of the tokens;
+     fp16 loss scale), so one process with accumulation and many processes give the same step;
+  4. after the last micro-batch only: sum the gradients over the data-parallel group;
   5. clip by the global gradient norm (model-parallel shards summed, replicas counted once);
-  6. a non-finite loss or norm stops the run naming the step (or skips the step, if asked);
-  7. AdamW step at the scheduled learning rate.
+  6. one all-reduce of the loss together with this rank's stop flag, one read of loss, flag and
+     norm to the host (the step's two host syncs; the model's input checks add their own);
+  7. AdamW step at the scheduled learning rate, unless the loss or norm is not finite.
+
+The trainer keeps what is its own: the learning-rate schedule, the stop flags (a non-finite step
+stops the run naming the step, or is skipped if asked), logging (``host_syncs`` per step in the
+metrics and the summary), evaluation and checkpoints.
 
 Around it: validation now and then, checkpoints (atomic, last K kept, exact resume), SIGINT/SIGTERM
 (save and exit at the end of the current step, agreed by every rank), metrics (JSONL, TensorBoard,
@@ -46,8 +49,9 @@ from .data import TrainStreams, model_vocab_size, resolve_data, validation_batch
 from .distributed import DistInfo, all_reduce, dp_group, mp_group, setup
 from .evaluate import evaluate_loss
 from .metrics import MetricsLogger, Throughput, mfu, plot_training, read_metrics
-from .optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
+from .optim import build_optimizer, lr_at
 from .precision import LossScaler, autocast_factory
+from .step import EmptyBatchError, train_step
 
 __all__ = ["Trainer", "NonFiniteLossError"]
 
@@ -138,83 +142,33 @@ class Trainer:
             self._log_file.flush()
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step (see the module docstring). Returns loss, grad norm, lr, tokens."""
-        cfg, dev = self.cfg, self.dist.device
-        ignore = self.model.args.ignore_index
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (``step.train_step``, see the module docstring). Returns loss, grad
+        norm, lr, counted tokens, processed positions, skipped and host_syncs."""
+        cfg = self.cfg
         batches = [self.streams.next_batch(j) for j in range(cfg.schedule.grad_accum)]
-        counts = [int((b["target_ids"] != ignore).sum()) for b in batches]
-        n_global = float(all_reduce(torch.tensor([float(sum(counts))], dtype=torch.float64, device=dev), dp_group())[0])
-        if n_global == 0:
-            raise ValueError(f"step {self.step + 1}: the global batch holds no target token (all ignore_index)")
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        processed = 0
-        for batch, n in zip(batches, counts):
-            processed += batch["input_ids"].numel()
-            if n == 0:  # every target ignored: contributes nothing (its mean would be 0/0)
-                continue
-            extra = {k: batch[k].to(dev) for k in ("position_ids", "document_ids") if k in batch}
-            with self.autocast():
-                loss = self.forward(batch["input_ids"].to(dev), batch["target_ids"].to(dev), **extra)
-            (loss * (n / n_global * self.scaler.scale)).backward()
-            loss_sum += loss.detach().double() * n
-        if self.dist.dp_size > 1:
-            self._all_reduce_grads()
-        if self.scaler.enabled:
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(self.scaler.scale)
-        norm = float(clip_grad_norm_(self.model.named_parameters(), cfg.optim.grad_clip, mp_group()))
-        # one all-reduce over the world: the loss (same on model-parallel ranks) and the stop
-        # flags, so every rank decides to save and stop after the same step
-        reduced = all_reduce(torch.tensor([float(loss_sum), float(self.stop_requested)], dtype=torch.float64, device=dev))
-        loss_value = float(reduced[0]) / self.dist.mp_size / n_global
-        self.stop_agreed = bool(reduced[1] > 0)
         lr = lr_at(self.step, lr=cfg.optim.lr, min_lr=cfg.optim.lr * cfg.schedule.min_lr_ratio,
                    warmup_steps=cfg.warmup_steps(), total_steps=cfg.schedule.steps, decay=cfg.schedule.decay)
-        finite = math.isfinite(loss_value) and math.isfinite(norm)
-        skipped = False
-        if finite:
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-            self.scaler.update(True)
+        try:
+            # the stop flags ride in the step's all-reduce of the loss, so every rank decides to
+            # save and stop after the same step without a collective of their own
+            out = train_step(self.model, self.optimizer, batches, forward=self.forward, lr=lr,
+                             grad_clip=cfg.optim.grad_clip, scaler=self.scaler, autocast=self.autocast,
+                             device=self.dist.device, ignore_index=self.model.args.ignore_index,
+                             dp_group=dp_group(), mp_group=mp_group(), extra=[float(self.stop_requested)])
+        except EmptyBatchError as e:
+            raise ValueError(f"step {self.step + 1}: {e}") from None
+        self.stop_agreed = out.extra[0] > 0
+        if out.nonfinite:
+            self._nonfinite(out.loss, out.grad_norm)
+        elif not out.skipped:
             self.consecutive_skips = 0
-        elif math.isfinite(loss_value) and self.scaler.overflowed(norm):
-            self.scaler.update(False)  # fp16 overflow: the scaler's business, not a fault
-            skipped = True
-        else:
-            self._nonfinite(loss_value, norm)
-            skipped = True
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += int(n_global)
-        if skipped:
+        self.tokens_seen += out.tokens
+        if out.skipped:
             self.skipped_steps += 1
-        return {"loss": loss_value, "grad_norm": norm, "lr": lr, "processed": processed * self.dist.dp_size,
-                "skipped": skipped}
-
-    def _all_reduce_grads(self) -> None:
-        """Sum gradients over the data-parallel group, in flat buckets of up to 2^25 elements."""
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        for p in self.model.parameters():  # a rank whose micro-batches were all ignored has no
-            if p.grad is None:  # gradients: it still takes part, with zeros, bucket for bucket
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.model.parameters()]
-        bucket: list[torch.Tensor] = []
-        size = 0
-        group = dp_group()
-        for g in grads + [None]:
-            if g is not None and (not bucket or (size + g.numel() <= 2**25 and g.dtype == bucket[0].dtype)):
-                bucket.append(g)
-                size += g.numel()
-                continue
-            if bucket:
-                flat = _flatten_dense_tensors(bucket)
-                all_reduce(flat, group)
-                for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                    dst.copy_(src)
-            bucket, size = ([g], g.numel()) if g is not None else ([], 0)
+        return {"loss": out.loss, "grad_norm": out.grad_norm, "lr": lr, "tokens": out.tokens,
+                "processed": out.processed, "skipped": out.skipped, "host_syncs": out.host_syncs}
 
     def _nonfinite(self, loss: float, norm: float) -> None:
         where = f"step {self.step + 1}: loss {loss}, gradient norm {norm}"
@@ -423,6 +377,7 @@ class Trainer:
                 self._signal_said = True
                 self.say(f"{self._signal_name or 'a signal on another rank'}: saving a checkpoint at the end of "
                          "this step, then stopping (Ctrl-C again to abort)")
+            self.history["host_syncs"] = out["host_syncs"]  # the same every step of a run
             interval_losses.append(out["loss"])
             self.history.setdefault("loss_first", out["loss"])
             self.history["loss_last"] = out["loss"]
@@ -433,7 +388,8 @@ class Trainer:
                 util = mfu(tok_s, flops_per_token, peak, self.dist.world_size)
                 record = {"loss": out["loss"], "loss_avg": sum(interval_losses) / len(interval_losses),
                           "lr": out["lr"], "grad_norm": out["grad_norm"], "tokens": self.tokens_seen,
-                          "tok_s": tok_s, "mfu": util, "skipped_steps": self.skipped_steps}
+                          "tok_s": tok_s, "mfu": util, "skipped_steps": self.skipped_steps,
+                          "host_syncs": out["host_syncs"]}
                 if self.scaler.enabled:
                     record["loss_scale"] = self.scaler.scale
                 logger.log(record, step=self.step)
@@ -476,6 +432,7 @@ class Trainer:
             "val_loss_start": self.history.get("val_loss_start"), "val_loss": self.history.get("val_loss_last"),
             "tok_s": tok_s, "mfu": mfu(tok_s, flops_per_token, peak, self.dist.world_size),
             "peak_memory_bytes": mem, "peak_memory_note": mem_note, "skipped_steps": self.skipped_steps,
+            "host_syncs": self.history.get("host_syncs"),
             "train_seconds": self.history.get("train_seconds"), "data": self.data_counts(),
             "checkpoint": latest_checkpoint(self.ckpt_root), "stopped": False,
         }
@@ -522,7 +479,8 @@ class Trainer:
                 f"{fmt(math.exp(start) if start is not None else None, ',.1f')} -> {math.exp(s['val_loss']):,.1f}"
             )
         lines += [
-            f"  throughput     {s['tok_s']:,.0f} tokens/s" + (f", MFU {s['mfu']:.1%}" if s["mfu"] is not None else ""),
+            f"  throughput     {s['tok_s']:,.0f} tokens/s" + (f", MFU {s['mfu']:.1%}" if s["mfu"] is not None else "")
+            + (f", {s['host_syncs']} host syncs per step" if s["host_syncs"] is not None else ""),
             f"  peak memory    {fmt(s['peak_memory_bytes'] and s['peak_memory_bytes'] / 2**20, ',.0f')} MiB ({s['peak_memory_note']})",
             f"  data           {s['data'].get('documents', 0):,} documents, {s['data'].get('sequences', 0):,} sequences, "
             f"kept {s['data'].get('tokens_kept', 0):,} / dropped {s['data'].get('tokens_dropped', 0):,} / "
