@@ -12,9 +12,11 @@ inputs    ``first_documents(source, n, tokenizer)``: the first ``n`` documents o
           ``batches_of(examples, policy, max_len, batch_size)``: every batch a policy makes of
           them, plus the policy and its counts; ``eval_batches``: fixed validation batches
           (``impute``: full windows, no padding).
-training  ``build_model(args, seed, device)`` (weights depend on the seed only) and ``fit``: AdamW
-          on the batches given, one optimizer step per batch, until a step count, a budget of
-          counted target tokens, or the data runs out. It records per step the loss, the counted
+training  ``build_model(args, seed, device)`` (weights depend on the seed only) and ``fit``: one
+          optimizer step per batch, until a step count, a budget of counted target tokens, or the
+          data runs out; each step is the trainer's (``llama_mini.training.step.train_step``:
+          AdamW from ``optim.build_optimizer``, global-norm clipping, fp32, one host read of
+          loss and norm after the count ``fit`` takes on the CPU). It records per step the loss, the counted
           targets n (targets != ignore_index), the positions (B * T, padding included), the
           cumulative tokens seen (sum of n) and the learning rate, and evaluates at chosen
           token counts. Everything is seeded, so two runs of a script give the same numbers on
@@ -32,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,7 +50,8 @@ from llama_mini import ModelArgs, Transformer
 from llama_mini.parallel import init_weights
 from llama_mini.training.config import coerce_field
 from llama_mini.training.evaluate import evaluate_loss
-from llama_mini.training.optim import build_optimizer, clip_grad_norm_, lr_at, set_lr
+from llama_mini.training.optim import build_optimizer, lr_at
+from llama_mini.training.step import train_step
 
 __all__ = [
     "data_arguments", "data_sources", "device_arguments", "field_value", "read_documents", "first_documents",
@@ -217,7 +219,9 @@ def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_step
         val_batches: Sequence[dict] | None = None, eval_at_tokens: Sequence[int] = (),
         eval_every_steps: int = 0, device: torch.device | str = "cpu", tag: str = "fit",
         log_every_s: float = 30.0) -> FitResult:
-    """Train ``model`` on ``batches``: one AdamW step per batch.
+    """Train ``model`` on ``batches``: one step of the trainer's ``train_step`` per batch (AdamW
+    at the scheduled lr, clipping at ``cfg.grad_clip``). A step whose loss or gradient norm is
+    not finite is not applied and raises ``FloatingPointError`` naming it.
 
     Stops after ``max_steps`` steps, once ``token_budget`` counted targets were seen (the step
     that crosses it is the last), or when ``batches`` ends; ``FitResult.stopped`` says which.
@@ -235,7 +239,6 @@ def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_step
     device = torch.device(device)
     ignore = model.args.ignore_index
     opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    params = list(model.named_parameters())
     pending = sorted(set(int(t) for t in eval_at_tokens))
     result = FitResult()
     torch.manual_seed(cfg.seed)
@@ -253,26 +256,23 @@ def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_step
     for batch in batches:
         lr = lr_at(step, lr=cfg.lr, min_lr=cfg.lr * cfg.min_lr_ratio, warmup_steps=cfg.warmup_steps,
                    total_steps=decay_steps, decay=cfg.decay)
-        set_lr(opt, lr)
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "target_ids", "position_ids",
-                                                                      "document_ids") and v is not None}
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "target_ids", "position_ids", "document_ids")
+                  and v is not None}
+        # counted here (the batch is still on the CPU), before the step: an evaluation may be due
+        # before it; the step is given the count instead of reading it again
         n = int((inputs["target_ids"] != ignore).sum())
         if n == 0:  # an all-padding batch has no loss (mean over nothing); the policy never makes one
             raise ValueError(f"{tag}: batch {step} has no counted target token")
         if pending and seen + n >= pending[0] > seen:
             evaluate(step, seen)  # the lower end of the interpolation to pending[0]
-        loss = model(inputs.pop("input_ids"), inputs.pop("target_ids"), **inputs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        out = train_step(model, opt, [inputs], lr=lr, grad_clip=cfg.grad_clip, device=device, ignore_index=ignore,
+                         counts=[n])
         step += 1
         seen += n
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{tag}: the loss became {value} at step {step}")
-        result.steps.append({"step": step, "loss": value, "tokens": n, "positions": batch["input_ids"].numel(),
+        value = out.loss
+        if out.nonfinite:
+            raise FloatingPointError(f"{tag}: the loss became {value} (gradient norm {out.grad_norm}) at step {step}")
+        result.steps.append({"step": step, "loss": value, "tokens": n, "positions": out.processed,
                              "tokens_seen": seen, "lr": lr})
         crossed = bool(pending) and seen >= pending[0]
         while pending and seen >= pending[0]:
