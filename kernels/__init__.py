@@ -16,6 +16,10 @@ relatively. Layout, as modules of ``llama_mini.kernels``:
 ``flash_attention``
     Triton flash attention, forward and backward (causal, GQA, ragged lengths, document
     masking): ``flash_attention(q, k, v, causal=True, document_ids=None)``. Imports triton.
+``custom_ops``
+    Every kernel as a PyTorch custom operator (``torch.ops.llama_mini.flash_attention_fwd``,
+    ``rms_norm_fwd``, ...) with fake implementations, autograd and FLOP formulas, so
+    ``torch.compile`` traces through the kernels; imports without Triton.
 ``common``
     Launcher helpers (interpreter detection, output allocation, ``poisoned_outputs`` for tests).
 ``aot``

@@ -19,6 +19,10 @@ Built in:
 More backends plug in with ``register_attention_backend``. A backend that cannot run on the
 input's device (or, for triton, dtype or head dim) falls back to ``sdpa`` with a logged warning
 and the reason recorded in ``attention_fallbacks()``; it never falls back silently.
+
+Under ``torch.compile`` the triton backend is one node of the graph (the custom op
+``llama_mini::flash_attention_fwd``, with its backward op and FLOP formulas), not a graph
+break; availability checks and fallback records run once while tracing.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels import reference
+from .kernels import custom_ops, reference
+from .kernels.common import is_interpreting
 
 __all__ = [
     "register_attention_backend",
@@ -84,16 +89,24 @@ def get_attention_backend(name: str, device: torch.device | None = None) -> Atte
         raise ValueError(f"unknown attention backend {name!r}; registered: {attention_backends()}")
     backend = _BACKENDS[name]
     if device is not None and backend.available is not None:
-        key = (name, device.type)
-        if key not in _AVAILABLE:
-            _AVAILABLE[key] = backend.available(device)
-        ok, why = _AVAILABLE[key]
+        ok, why = _availability(name, device.type)
         if not ok:
             _record_fallback(name, device.type, why)
             return _BACKENDS["sdpa"].fn
     return backend.fn
 
 
+# Both run at trace time under torch.compile, their results kept as constants: availability
+# depends only on the backend and device type, and a first-time log line would break the graph.
+@torch.compiler.assume_constant_result
+def _availability(name: str, device_type: str) -> tuple[bool, str]:
+    key = (name, device_type)
+    if key not in _AVAILABLE:
+        _AVAILABLE[key] = _BACKENDS[name].available(torch.device(device_type))
+    return _AVAILABLE[key]
+
+
+@torch.compiler.assume_constant_result
 def _record_fallback(name: str, where: str, why: str) -> None:
     """Log (once per backend and place) and remember that ``name`` fell back to sdpa."""
     key = (name, where)
@@ -157,7 +170,6 @@ def triton_attention_available(device: torch.device) -> tuple[bool, str]:
     return triton_runs_on(device)
 
 
-@torch.compiler.disable  # a graph break: dynamo does not trace into the autotuned kernels
 def triton_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -169,24 +181,24 @@ def triton_attention(
 ) -> torch.Tensor:
     """Triton flash attention (forward and backward kernels), GQA without repeating k/v.
 
-    Inputs the kernel does not take (float64, bf16 under the CPU interpreter, head dims above
+    Runs the custom op ``torch.ops.llama_mini.flash_attention_fwd`` (``llama_mini.kernels.custom_ops``),
+    so ``torch.compile`` traces it as one node without a graph break. Inputs the kernel does not
+    take (float64, bf16 under the CPU interpreter, head dims above
     ``llama_mini.kernels.flash_attention.MAX_HEAD_DIM`` = 128) run on sdpa instead, with the reason
-    logged and kept in ``attention_fallbacks()``.
+    logged and kept in ``attention_fallbacks()``; the choice depends only on dtype, head dim and
+    ``TRITON_INTERPRET``, which the compiler knows while tracing.
     """
-    from .kernels.common import is_interpreting
-    from .kernels.flash_attention import MAX_HEAD_DIM, flash_attention
-
     why = None
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         why = f"{q.dtype} is not a kernel dtype (float16, bfloat16, float32)"
-    elif q.shape[-1] > MAX_HEAD_DIM:
-        why = f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    elif q.shape[-1] > custom_ops.kernel_constant("flash_attention", "MAX_HEAD_DIM"):
+        why = f"head dim {q.shape[-1]} > {custom_ops.kernel_constant('flash_attention', 'MAX_HEAD_DIM')}"
     elif is_interpreting() and q.dtype == torch.bfloat16:
         why = "bf16 under the Triton interpreter (tl.dot on bf16 is broken there, triton issue 11584)"
     if why is not None:
         _record_fallback("triton", f"{q.device.type}/{str(q.dtype).removeprefix('torch.')}/D={q.shape[-1]}", why)
         return sdpa_attention(q, k, v, causal=causal, document_ids=document_ids, scale=scale)
-    return flash_attention(q, k, v, causal=causal, document_ids=document_ids, scale=scale)
+    return custom_ops.flash_attention(q, k, v, causal=causal, document_ids=document_ids, scale=scale)
 
 
 register_attention_backend("triton", triton_attention, triton_attention_available)

@@ -87,7 +87,6 @@ _REGISTRY: dict[str, dict[str, OpImpl]] = {
     "linear_cross_entropy": {"torch": _ref("linear_cross_entropy", reference.linear_cross_entropy)},
 }
 _RESOLVED: dict[tuple[str, str, str], tuple[str, str]] = {}
-_IMPL_CACHE: dict[tuple[str, str, str], OpImpl] = {}
 _FALLBACKS: dict[tuple[str, str], str] = {}
 
 
@@ -108,7 +107,6 @@ def register_op(
     default_on = default_on or (lambda device: available(device)[0])
     _REGISTRY[op][name] = OpImpl(name, fn, available, default_on)
     _RESOLVED.clear()
-    _IMPL_CACHE.clear()
 
 
 def registered(op: str) -> list[str]:
@@ -127,10 +125,18 @@ def check_choice(op: str, requested: str, field_name: str) -> None:
 
 def resolve_impl(op: str, requested: str, device: torch.device) -> tuple[str, Callable]:
     """(name, function) implementing ``op`` for tensors on ``device`` under the user's choice."""
-    key = (op, requested, device.type)
-    impl = _IMPL_CACHE.get(key)
-    if impl is not None:
-        return impl.name, impl.fn
+    name = _resolve_name(op, requested, device.type)
+    return name, _REGISTRY[op][name].fn
+
+
+# Run by torch.compile at trace time, its result kept as a constant: the choice depends only on
+# the registry and the device type, and its first-time logging would otherwise break the graph.
+@torch.compiler.assume_constant_result
+def _resolve_name(op: str, requested: str, device_type: str) -> str:
+    key = (op, requested, device_type)
+    if key in _RESOLVED:
+        return _RESOLVED[key][0]
+    device = torch.device(device_type)
     impls = _REGISTRY[op]
     if requested == "auto":
         chosen, reason = "torch", "no accelerated implementation registered"
@@ -151,9 +157,8 @@ def resolve_impl(op: str, requested: str, device: torch.device) -> tuple[str, Ca
             raise RuntimeError(f"{op} implementation {requested!r} cannot run on {device}: {why}")
         chosen, reason = requested, why
     _RESOLVED[key] = (chosen, reason)
-    _IMPL_CACHE[key] = impls[chosen]
     log.info("%s on %s: using %r (%s; requested %r)", op, device.type, chosen, reason, requested)
-    return chosen, impls[chosen].fn
+    return chosen
 
 
 def resolve_op(op: str, requested: str, device: torch.device) -> Callable:
@@ -166,8 +171,11 @@ def resolutions() -> dict[str, dict[str, str]]:
     return {f"{op}@{dev} ({req})": {"impl": c, "reason": r} for (op, req, dev), (c, r) in _RESOLVED.items()}
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing: no graph break
 def record_fallback(op: str, where: str, why: str) -> None:
-    """Log (once per op and place) and remember that a call of ``op`` ran the reference."""
+    """Log (once per op and place) and remember that a call of ``op`` ran the reference.
+    Under ``torch.compile`` it runs when the fallback is traced (the compiled graph then calls
+    the reference on every run), not on each compiled call."""
     key = (op, where)
     if key not in _FALLBACKS:
         _FALLBACKS[key] = why
