@@ -8,9 +8,11 @@ KV-cache prefill/decode tokens/s, per attention backend and activation-checkpoin
 
 What it measures, for each attention backend (any name in ``llama_mini.attention_backends()``):
 
-train    one forward + backward of ``Transformer(tokens, targets)`` on random tokens,
-         (batch, seq_len), gradients reset to None before each step, no optimizer step.
-         Reports step time (median and min), tokens/s = batch * seq_len / median, achieved
+train    one training step on random tokens (batch, seq_len): the trainer's own
+         ``llama_mini.training.step.train_step`` (forward + loss, backward, global-norm clipping,
+         AdamW from ``optim.build_optimizer`` with the trainer's default ``OptimConfig``,
+         ``zero_grad``), as ``bench/train_throughput.py`` times it; ``host_syncs`` is the
+         step's count of device-to-host reads. Reports step time (median and min), tokens/s = batch * seq_len / median, achieved
          TFLOP/s = tokens/s * ``model.flops_per_token(seq_len)`` (model FLOPs, PaLM's 6N +
          attention estimate; recomputation under activation checkpointing is *not* counted,
          the usual MFU convention) and, where the device's dense peak is known (or given with
@@ -34,7 +36,7 @@ models and allocator caching, so it would not be the model's peak.
 
 Precision (``--dtype``). float32: no autocast, no cast. bfloat16/float16: training keeps fp32
 weights and gradients and runs the forward under ``torch.autocast(device, dtype)`` (mixed
-precision as a trainer runs it; no GradScaler, which adds one multiply per step); inference
+precision as the trainer runs it, with its ``LossScaler`` for float16); inference
 casts the model to the dtype (``model.to(dtype)``) and allocates the KV cache in it (how
 low-precision generation runs).
 
@@ -54,7 +56,6 @@ table, the text table and the JSON/CSV writers) live in ``bench/common.py``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import statistics
 import sys
@@ -78,6 +79,10 @@ from common import (
     warn_if_cpu_busy, write_csv, write_json,
 )
 from llama_mini import PRESETS, ModelArgs, Transformer, attention_backends, attention_fallbacks, resolutions
+from llama_mini.training.config import OptimConfig
+from llama_mini.training.optim import build_optimizer
+from llama_mini.training.precision import LossScaler, autocast_factory
+from llama_mini.training.step import train_step
 
 DEFAULT_OUT = results_dir("model_throughput")
 
@@ -85,7 +90,7 @@ CSV_FIELDS = [
     "phase", "attn_backend", "attn_used", "checkpointing", "batch_size", "seq_len", "prompt_len", "decode_tokens",
     "tokens_per_call",
     "median_ms", "min_ms", "n_timed", "timer", "tokens_per_s", "ms_per_decode_step", "flops_per_token",
-    "tflops", "peak_tflops", "mfu", "peak_mem_mib", "peak_mem_note", "loss", "error",
+    "tflops", "peak_tflops", "mfu", "peak_mem_mib", "peak_mem_note", "loss", "host_syncs", "error",
 ]
 
 
@@ -217,12 +222,6 @@ def build_model(args: argparse.Namespace, device: torch.device, backend: str, ch
     return Transformer(ModelArgs.preset(args.preset, **overrides)).to(device)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def attn_used(backend: str, device: torch.device) -> str:
     """``backend``, or ``"sdpa (fallback: why)"`` when the model ran sdpa instead: a fallback is
     recorded per device (``triton@cuda``) or per input (``triton@cuda/float32/D=256``)."""
@@ -251,16 +250,18 @@ def run_train(args, device, timer, backend: str, checkpointing: bool, ceiling: f
     B, T = args.batch_size, args.seq_len
     gen = torch.Generator().manual_seed(args.seed + 1)
     data = torch.randint(0, model.args.vocab_size, (B, T + 1), generator=gen).to(device)
-    tokens, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # (B, T) each
-    losses: list[float] = []
+    batch = {"input_ids": data[:, :-1].contiguous(), "target_ids": data[:, 1:].contiguous()}  # (B, T) each
+    cfg = OptimConfig()  # the trainer's defaults
+    opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    scaler = LossScaler(dtype == torch.float16)
+    autocast = autocast_factory({torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype], device)
+    results = []
 
     def step() -> None:
-        model.zero_grad(set_to_none=True)
-        with _autocast(device, dtype):
-            loss = model(tokens, targets)
-        loss.backward()
-        if not losses:
-            losses.append(float(loss.detach()))
+        out = train_step(model, opt, [batch], lr=cfg.lr, grad_clip=cfg.grad_clip, scaler=scaler, autocast=autocast,
+                         device=device)
+        if len(results) < 2:
+            results.append(out)
 
     step()  # first call: lazy allocations (rope tables, autocast caches, cuBLAS handles)
     mem, mem_note = peak_memory(step, device)
@@ -271,10 +272,10 @@ def run_train(args, device, timer, backend: str, checkpointing: bool, ceiling: f
     row = _row(
         "train", backend, attn_used=attn_used(backend, device), checkpointing="on" if checkpointing else "off",
         batch_size=B, seq_len=T, flops_per_token=fpt, tflops=tflops, peak_tflops=ceiling,
-        mfu=tflops / ceiling if ceiling else None, peak_mem_mib=mem, peak_mem_note=mem_note, loss=losses[0],
-        **fields,
+        mfu=tflops / ceiling if ceiling else None, peak_mem_mib=mem, peak_mem_note=mem_note, loss=results[0].loss,
+        host_syncs=results[-1].host_syncs, **fields,
     )
-    del model
+    del model, opt
     return row
 
 
@@ -335,7 +336,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("phase", "phase", ""), ("backend", "attn_backend", ""), ("ckpt", "checkpointing", ""),
         ("B", "batch_size", "d"), ("T/ctx", "seq_len", "d"), ("median ms", "median_ms", ".3f"),
         ("min ms", "min_ms", ".3f"), ("tokens/s", "tokens_per_s", ",.0f"), ("TFLOP/s", "tflops", ".3g"),
-        ("MFU", "mfu", ".1%"), ("peak MiB", "peak_mem_mib", ",.0f"),
+        ("MFU", "mfu", ".1%"), ("peak MiB", "peak_mem_mib", ",.0f"), ("syncs", "host_syncs", "d"),
     ]
     body: list[list[str]] = []
     notes: list[str] = []
@@ -364,7 +365,7 @@ def plot(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
         return False
     cfg = meta["config"]
     titles = {
-        "train": f"training (fwd + bwd)\nB={cfg['batch_size']}, T={cfg['seq_len']}",
+        "train": f"training step (train_step)\nB={cfg['batch_size']}, T={cfg['seq_len']}",
         "prefill": f"prefill (KV cache)\nB={cfg['decode_batch_size']}, prompt={cfg['prompt_len']}",
         "decode": f"decode (KV cache)\nB={cfg['decode_batch_size']}, {cfg['decode_tokens']} tokens after the prompt",
     }

@@ -8,11 +8,13 @@ CPU also a same-step comparison against a plain PyTorch LLaMA of the same shape.
     python bench/train_throughput.py --presets homework --backends sdpa --fused off --checkpointing off,on \
         --batch-size 8 --seq-len 256 --no-max-batch
 
-One training step = ``loss = model(tokens, targets)`` (forward + loss) under
-``torch.autocast(device, dtype)`` when ``--dtype`` is bfloat16/float16 (fp32 weights; a
-``GradScaler`` for float16), ``backward``, ``torch.optim.AdamW.step`` (``fused=True`` on CUDA,
-torch's default elsewhere; lr 1e-4) and ``zero_grad(set_to_none=True)``, on one fixed random
-(batch, seq_len) batch. Axes, one row per combination and preset:
+One training step is the step users run: ``llama_mini.training.step.train_step``, the function
+``Trainer.train_step`` calls, on one micro-batch: ``loss = model(tokens, targets)`` under the
+trainer's autocast for ``--dtype`` (fp32 weights; the trainer's ``LossScaler`` for float16),
+backward, global gradient-norm clipping at the trainer's default ``optim.grad_clip``, AdamW from
+``optim.build_optimizer`` with the trainer's default ``OptimConfig`` (weight decay on matrices
+only; fused on CUDA, torch's default elsewhere) and ``zero_grad(set_to_none=True)``, on one fixed
+random (batch, seq_len) batch. Axes, one row per combination and preset:
 
 backend        ``ModelArgs.attn_backend``: eager, sdpa, triton, ... A name missing from
                ``llama_mini.attention_backends()`` gives a *skipped* row with the reason; a
@@ -31,7 +33,9 @@ Figures per row: ms/step (median and min of the timed steps; at least ``--steps`
 counted: the usual MFU convention), MFU = TFLOP/s over the device's dense peak
 (``common.peak_tflops`` or ``--peak-tflops``; none on CPU), peak memory
 (``torch.cuda.max_memory_allocated`` over one step after warmup; null on CPU, with the reason),
-parameter count, the attention backend actually used and the op resolutions. Timing: do_bench
+parameter count, the attention backend actually used, the op resolutions, and ``host_syncs``: the
+device-to-host reads the step made (``StepResult.host_syncs``: two of the step's own, plus our
+model's input range checks, two more, which ``PlainLlama`` does not make). Timing: do_bench
 on CUDA, wall clock elsewhere (``bench/common.py``'s ``Timer``).
 
 Largest batch (``--max-batch``, on by default), per (preset, backend, checkpointing), with the
@@ -100,7 +104,11 @@ from common import (
 )
 from llama_mini import PRESETS, ModelArgs, Transformer, attention_backends, attention_fallbacks, resolutions
 from llama_mini import ops as llama_ops
-from model_throughput import _autocast, _split, attn_used
+from llama_mini.training.config import OptimConfig
+from llama_mini.training.optim import build_optimizer
+from llama_mini.training.precision import LossScaler, autocast_factory
+from llama_mini.training.step import train_step
+from model_throughput import _split, attn_used
 
 DEFAULT_OUT = results_dir("train_throughput")
 PLAIN = "plain-pytorch"
@@ -109,7 +117,8 @@ MFU_TARGET = 0.45
 MFU_TARGET_SHAPE = dict(seq_len=2048, dtype="bfloat16", min_params=0.5e9, max_params=2e9)
 IMPL_FIELDS = llama_ops.IMPL_FIELDS
 FUSED_IMPL = {"off": "torch", "on": "triton"}
-LR = 1e-4
+OPTIM = OptimConfig()  # the trainer's defaults: lr, AdamW betas/eps/weight decay, grad_clip
+PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 MAX_TIMED = 200
 
 CSV_FIELDS = [
@@ -117,7 +126,7 @@ CSV_FIELDS = [
     "status", "reason", "median_ms", "min_ms", "n_timed", "timer", "tokens_per_s", "flops_per_token", "tflops",
     "peak_tflops", "mfu", "mfu_result", "peak_mem_mib", "peak_mem_note", "n_params", "op_resolutions", "loss",
     "max_batch", "max_batch_capped", "max_batch_method", "memory_budget_gib", "persistent_mib", "fixed_mib",
-    "per_sample_mib", "probe", "error",
+    "per_sample_mib", "probe", "host_syncs", "error",
 ]
 
 
@@ -352,29 +361,35 @@ def build(cls: Callable[[ModelArgs], nn.Module], margs: ModelArgs, device: torch
 
 
 class TrainStep:
-    """One optimizer step of ``model`` on a fixed random batch: the callable that is timed."""
+    """One optimizer step of ``model`` on a fixed random batch, the callable that is timed: the
+    trainer's step (``llama_mini.training.step.train_step``) with the trainer's optimizer
+    (``optim.build_optimizer``: AdamW, decay on matrices only, fused on CUDA), its default
+    ``OptimConfig`` (lr, betas, eps, weight decay, ``grad_clip`` global-norm clipping), its
+    ``LossScaler`` for float16 and its autocast for the dtype. ``model`` is anything with
+    ``model(tokens, targets) -> mean loss``: ours or ``PlainLlama``."""
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype, vocab: int, seed: int) -> None:
         self.model, self.device, self.dtype, self.vocab, self.seed = model, device, dtype, vocab, seed
-        self.opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True if device.type == "cuda" else None)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        self.loss: float | None = None
+        self.opt = build_optimizer(model, lr=OPTIM.lr, weight_decay=OPTIM.weight_decay,
+                                   betas=(OPTIM.beta1, OPTIM.beta2), eps=OPTIM.eps)
+        self.scaler = LossScaler(dtype == torch.float16)
+        self.autocast = autocast_factory(PRECISION[dtype], device)
+        self.loss: float | None = None  # of the first step
+        self.host_syncs: int | None = None  # of the last step
+        self.batch: dict | None = None
 
     def set_batch(self, batch: int, seq_len: int) -> None:
-        self.tokens = self.targets = None  # free the old batch before the new one
+        self.batch = None  # free the old batch before the new one
         gen = torch.Generator().manual_seed(self.seed + 1)
         data = torch.randint(0, self.vocab, (batch, seq_len + 1), generator=gen).to(self.device)
-        self.tokens, self.targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # (B, T) each
+        self.batch = {"input_ids": data[:, :-1].contiguous(), "target_ids": data[:, 1:].contiguous()}  # (B, T) each
 
     def __call__(self) -> None:
-        with _autocast(self.device, self.dtype):
-            loss = self.model(self.tokens, self.targets)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
+        out = train_step(self.model, self.opt, [self.batch], lr=OPTIM.lr, grad_clip=OPTIM.grad_clip,
+                         scaler=self.scaler, autocast=self.autocast, device=self.device)
+        self.host_syncs = out.host_syncs
         if self.loss is None:
-            self.loss = float(loss.detach())
+            self.loss = out.loss
 
     def persistent_bytes(self) -> int:
         """Weights, buffers and optimizer state: what lives between steps (gradients are None)."""
@@ -465,7 +480,7 @@ def run_ours(args, device, preset: str, backend: str, fused: str, ckpt: str, cei
     times, how = timer(step)
     _fill(row, times, how, model.flops_per_token(args.seq_len), ceiling, n_params(model), args)
     row.update(attn_used=attn_used(backend, device), op_resolutions=used_ops(fused, device), loss=step.loss,
-               peak_mem_mib=mem, peak_mem_note=note)
+               peak_mem_mib=mem, peak_mem_note=note, host_syncs=step.host_syncs)
     return row
 
 
@@ -502,7 +517,7 @@ def run_comparison(args, device, preset: str, ceiling) -> tuple[list[dict], dict
         _fill(row, times[i], how, fpt, ceiling, (n_ours, n_plain)[i], args)
         note = warm[i][2] or "measured with both models of the comparison resident (the other's weights, " \
                              "gradients and AdamW state included)"
-        row.update(loss=steps[i].loss, peak_mem_mib=warm[i][1], peak_mem_note=note)
+        row.update(loss=steps[i].loss, peak_mem_mib=warm[i][1], peak_mem_note=note, host_syncs=steps[i].host_syncs)
         if i == 0:
             row.update(attn_used=attn_used("sdpa", device), op_resolutions=used_ops("off", device))
         else:
@@ -614,7 +629,7 @@ def max_batch_cpu(args, device, preset: str, backend: str, fused: str, ckpt: str
         checks.append(f"B={batch}: measured {(persistent + measured) / mib:.1f} MiB, predicted "
                       f"{(persistent + predicted) / mib:.1f} MiB ({predicted / max(measured, 1) - 1:+.2%} of the step)")
     row.update(
-        max_batch=best, attn_used=attn_used(backend, device),
+        max_batch=best, attn_used=attn_used(backend, device), host_syncs=step.host_syncs,
         max_batch_method=f"estimate from measured per-step allocation (torch.profiler profile_memory), "
                          f"{fitted} fitted as C + D * batch; not an OOM search",
         persistent_mib=persistent / mib, fixed_mib=(persistent + C[at]) / mib, per_sample_mib=D[at] / mib,
@@ -642,7 +657,7 @@ def max_batch_cuda(args, device, preset: str, backend: str, fused: str, ckpt: st
             if not is_oom(e):
                 raise
             ok = False  # the exception (and the frames holding the step's tensors) is gone after this block
-        step.tokens = step.targets = None
+        step.batch = None
         step.opt.zero_grad(set_to_none=True)
         release(device)
         log.append(f"{batch}:{'ok' if ok else 'oom'}")
@@ -661,7 +676,7 @@ def max_batch_cuda(args, device, preset: str, backend: str, fused: str, ckpt: st
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    row.update(max_batch=lo, max_batch_capped=hi is None, attn_used=attn_used(backend, device),
+    row.update(max_batch=lo, max_batch_capped=hi is None, attn_used=attn_used(backend, device), host_syncs=step.host_syncs,
                max_batch_method=f"OOM search (doubling, then bisection; fits = 2 training steps complete; "
                                 f"limit {args.max_batch_limit})",
                probe=" ".join(log))
@@ -707,7 +722,7 @@ def train_table(rows: list[dict]) -> str:
             ("ckpt", "checkpointing", ""), ("B", "batch_size", "d"), ("T", "seq_len", "d"),
             ("median ms", "median_ms", ",.1f"), ("min ms", "min_ms", ",.1f"), ("tokens/s", "tokens_per_s", ",.0f"),
             ("TFLOP/s", "tflops", ".3g"), ("MFU", "mfu", ".1%"), ("target", "mfu_result", ""),
-            ("peak MiB", "peak_mem_mib", ",.0f"), ("params", "n_params", ",d")]
+            ("peak MiB", "peak_mem_mib", ",.0f"), ("params", "n_params", ",d"), ("syncs", "host_syncs", "d")]
     body, notes = [], []
     for r in rows:
         cells = [fmt(r[k], s) for _, k, s in cols]
@@ -874,9 +889,14 @@ def main(argv: list[str] | None = None) -> int:
         "llama_mini": getattr(llama_mini, "__version__", None), "timing": timer.describe(),
         "precision": "float32 throughout" if args.dtype == "float32" else
         f"fp32 weights, grads and AdamW state; forward under torch.autocast({device.type}, {args.dtype})"
-        + ("; GradScaler" if args.dtype == "float16" else ""),
-        "training_step": f"forward with targets, backward, AdamW(lr={LR}, fused={device.type == 'cuda'}) step, "
-                         "zero_grad(set_to_none=True); one fixed random batch",
+        + ("; the trainer's LossScaler" if args.dtype == "float16" else ""),
+        "training_step": f"llama_mini.training.step.train_step, the trainer's step: forward with targets, backward, "
+                         f"global-norm clip at {OPTIM.grad_clip}, AdamW from optim.build_optimizer (lr {OPTIM.lr}, "
+                         f"weight decay {OPTIM.weight_decay} on matrices, fused={device.type == 'cuda'}), "
+                         "zero_grad(set_to_none=True); one fixed random batch, one micro-batch",
+        "host_syncs": "device-to-host reads per step (train_step's count): 2 of the step's own (the target count, "
+                      "then loss and gradient norm in one read) plus, for our model, its input range checks "
+                      "(ModelArgs.validate_inputs: tokens and targets)",
         "flops": "model.flops_per_token(seq_len): 6*N_matmul + 12*n_layers*dim*seq_len per trained token; "
                  "activation-checkpointing recompute not counted",
         "peak_tflops": ceiling, "peak_tflops_source": ceiling_src, "config": config, "presets": presets_meta,

@@ -31,6 +31,8 @@ def test_model_throughput_quick_run_writes_results(tmp_path):
     train = [r for r in rows if r["phase"] == "train"]
     # a fresh model predicts uniformly: loss ~ ln(vocab) for the debug preset (vocab 512)
     assert all(abs(r["loss"] - math.log(512)) < 0.2 for r in train)
+    # the trainer's step: its two host reads plus the model's range checks of tokens and targets
+    assert all(r["host_syncs"] == 4 for r in train)
     lines = [line for line in csv_path.read_text().splitlines() if not line.startswith("#")]
     assert len(list(csv.DictReader(lines))) == len(rows)
     if "matplotlib" in sys.modules or __import__("importlib").util.find_spec("matplotlib"):

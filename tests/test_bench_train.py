@@ -62,6 +62,8 @@ def test_quick_run_writes_results(tmp_path):
         assert r["mfu"] is None  # no CPU peak
         if r["attn_backend"] != "plain-pytorch":
             assert r["op_resolutions"] and "?" not in r["op_resolutions"]
+        # the step's two reads, plus our model's range checks of tokens and targets
+        assert r["host_syncs"] == (2 if r["attn_backend"] == "plain-pytorch" else 4), r
     triton = [r for r in train if r["attn_backend"] == "triton"]
     assert len(triton) == 4  # fused off/on x checkpointing off/on
     if "triton" not in attention_backends():
@@ -117,3 +119,33 @@ def test_plain_llama_is_our_model(tt):
     grads_plain = {n: p.grad for n, p in plain.named_parameters()}
     for name, g in tt.plain_state_dict({n: p.grad for n, p in ours.named_parameters()}).items():
         torch.testing.assert_close(grads_plain[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_timed_step_is_the_trainers_step(tt):
+    """TrainStep is train_step with the trainer's optimizer (two AdamW groups, decay on matrices
+    only), default OptimConfig (lr, grad_clip) and precision: the same weights after two steps."""
+    from llama_mini.training.config import OptimConfig
+    from llama_mini.training.optim import build_optimizer
+    from llama_mini.training.step import train_step
+
+    args = ModelArgs.preset("debug", max_seq_len=64)
+    cpu = torch.device("cpu")
+    ours, ref = (tt.build(Transformer, args, cpu, 0) for _ in range(2))
+    step = tt.TrainStep(ours, cpu, torch.float32, args.vocab_size, seed=0)
+    step.set_batch(2, 16)
+    assert [g["weight_decay"] for g in step.opt.param_groups] == [OptimConfig().weight_decay, 0.0]
+    assert not step.scaler.enabled and tt.TrainStep(ours, cpu, torch.float16, 8, 0).scaler.enabled
+    cfg = OptimConfig()
+    opt = build_optimizer(ref, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    for _ in range(2):
+        step()
+        out = train_step(ref, opt, [step.batch], lr=cfg.lr, grad_clip=cfg.grad_clip)
+    assert step.host_syncs == out.host_syncs == 4 and step.loss is not None
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+
+    plain = tt.build(tt.PlainLlama, args, cpu, 0)  # another model with the same interface
+    pstep = tt.TrainStep(plain, cpu, torch.float32, args.vocab_size, seed=0)
+    pstep.set_batch(2, 16)
+    pstep()
+    assert pstep.host_syncs == 2 and abs(pstep.loss - math.log(args.vocab_size)) < 0.2
