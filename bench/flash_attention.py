@@ -19,6 +19,20 @@ eager    ``llama_mini.kernels.reference.attention``: explicit fp32 scores and so
 compile  ``torch.compile`` of that reference (``dynamic=False``, caches reset per configuration);
          the first call compiles and is never timed.
 
+Document masking (``--documents K``, default 0 = off): each sequence is packed with K
+documents of random lengths (seeded; each row drawn anew; at least one token each) and every
+provider restricts attention to a query's own document, causal within it: triton gets
+``document_ids`` (B, N) and skips tiles across document boundaries; sdpa gets the equivalent
+boolean mask (which rules out its flash backend: it runs memory-efficient or math attention,
+the row's ``backend`` says which); eager and compile run the reference with ``document_ids``.
+FLOPs count the unmasked work only, sum over documents of 4*H*n_d^2*D/2 (useful FLOPs; the
+figure the causal-halving convention gives for one document of length n_d).
+
+Interpreter (``--interpreter``): under ``TRITON_INTERPRET=1`` on a CPU, run the triton rows
+anyway, at the tiny sizes the interpreter can manage. The timings measure the interpreter, not
+the kernel; rows carry that note. It exists so that ``bench/gpu_report.py --dry-run`` exercises
+every code path of a GPU run on a machine without one.
+
 Modes (``--modes``): ``fwd`` (under ``torch.no_grad``), ``bwd`` (``out.backward(dout,
 retain_graph=True)`` on a graph built once, gradients set to None before each call) and
 ``fwd+bwd``.
@@ -83,12 +97,14 @@ SWEEP_DEFAULTS = {  # option: (GPU default, CPU default)
     "providers": (",".join(PROVIDERS), "sdpa,eager"),
 }
 REF_CHUNK_BYTES = 2**30  # fp32 scores per chunk of the float32 reference (x ~3 with softmax and mask)
+INTERPRETER_NOTE = ("--interpreter: triton rows ran in Triton's CPU interpreter; their times are the "
+                    "interpreter's, not the kernel's")
 NO_GPU = ("no GPU: Triton kernels are not timed on CPU (under TRITON_INTERPRET=1 the timings would "
           "measure Triton's interpreter, not the kernel)")
 
 CSV_FIELDS = [
-    "provider", "backend", "mode", "causal", "dtype", "batch", "seqlen", "heads", "kv_heads", "head_dim", "tokens",
-    "flops", "status", "reason", "error", "median_ms", "min_ms", "n_timed", "timer", "tflops", "peak_tflops",
+    "provider", "backend", "mode", "causal", "documents", "dtype", "batch", "seqlen", "heads", "kv_heads", "head_dim",
+    "tokens", "flops", "status", "reason", "error", "median_ms", "min_ms", "n_timed", "timer", "tflops", "peak_tflops",
     "pct_of_peak", "vs_sdpa", "peak_mem_mib", "peak_mem_note", "max_abs_err", "err_bound",
 ]
 
@@ -105,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--kv-heads", default="same", help="key/value heads: 'same' (= H) or numbers dividing H")
     s.add_argument("--head-dims", help="head dims D [64,128; 64]")
     s.add_argument("--causal", default="both", choices=["both", "true", "false"], help="causal masking")
+    s.add_argument("--documents", type=int, default=0,
+                   help="pack each sequence with this many documents of random lengths (0: one sequence, no mask)")
     s.add_argument("--dtypes", help="dtypes: bf16/bfloat16, fp16/float16, fp32/float32 [bf16,fp16; fp32]")
     s.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     s.add_argument("--providers", help=f"any of {', '.join(PROVIDERS)} [all; sdpa,eager]")
@@ -112,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     d = p.add_argument_group("device")
     add_device_arguments(d)
+    d.add_argument("--interpreter", action="store_true",
+                   help="run the triton rows on CPU under TRITON_INTERPRET=1 (timings are the interpreter's)")
     d.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for pct_of_peak, every dtype [datasheet table for known GPUs; none on CPU]")
 
@@ -150,6 +170,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag} takes any of {', '.join(allowed)}; got {values}")
     if not args.kv_heads or any(h is not None and h < 1 for h in args.kv_heads) or args.tokens < 1:
         p.error("--kv-heads takes 'same' or positive integers; --tokens must be >= 1")
+    if args.documents < 0 or (args.documents and min(args.seqlens) < args.documents):
+        p.error(f"--documents must be >= 0 and at most the shortest sequence length, got {args.documents}")
+    if args.documents and args.causal != [True]:
+        p.error("--documents packs causal sequences: use it with --causal true")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args
@@ -168,13 +192,37 @@ def attention_flops(mode: str, batch: int, heads: int, seqlen: int, head_dim: in
     return fwd * num // den
 
 
+def document_ids(batch: int, seqlen: int, n_docs: int, seed: int) -> torch.Tensor:
+    """(B, N) int64 ids 0..n_docs-1, non-decreasing along each row: n_docs documents of random
+    lengths (at least one token each), drawn anew per row from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.empty(batch, seqlen, dtype=torch.int64)
+    for b in range(batch):
+        cuts = torch.randperm(seqlen - 1, generator=gen)[: n_docs - 1] + 1  # document starts after the first
+        starts = torch.zeros(seqlen, dtype=torch.int64)
+        starts[cuts] = 1
+        ids[b] = torch.cumsum(starts, 0)
+    return ids
+
+
+def document_flops(mode: str, heads: int, head_dim: int, ids: torch.Tensor) -> int:
+    """Useful FLOPs of causal attention within documents: sum over rows and documents of the
+    causal count for a sequence of the document's length n_d (4*H*n_d^2*D/2), times the mode's
+    factor."""
+    lengths = torch.stack([torch.bincount(row) for row in ids]) if ids.numel() else ids  # (B, n_docs)
+    fwd = sum(4 * heads * int(n) * int(n) * head_dim // 2 for n in lengths.flatten())
+    num, den = FLOP_FACTOR[mode]
+    return fwd * num // den
+
+
 def error_bound(dtype: str, device: torch.device) -> float:
     if dtype != "float32":
         return 2e-2
     return 5e-3 if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else 1e-4
 
 
-def reference_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def reference_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                   doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """llama_mini.kernels.reference.attention in float32, a few kv-head groups at a time so that the N x N
     scores of 16k-token sequences fit next to the inputs. Returns (B, H, N, D) float32."""
     B, H, N, _ = q.shape
@@ -188,13 +236,17 @@ def reference_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
                 g1 = min(g + step, Hkv)
                 out[b:b + 1, g * rep:g1 * rep] = reference.attention(
                     q[b:b + 1, g * rep:g1 * rep].float(), k[b:b + 1, g:g1].float(), v[b:b + 1, g:g1].float(),
-                    causal=causal)
+                    causal=causal, document_ids=None if doc_ids is None else doc_ids[b:b + 1])
     return out
 
 
 # ---------------------------------------------------------------------------- providers
-def skip_reason(provider: str, device: torch.device) -> str | None:
+def skip_reason(provider: str, device: torch.device, interpreter: bool = False) -> str | None:
+    """Why ``provider`` is not timed here, or None. ``interpreter`` lets triton run on CPU
+    tensors under TRITON_INTERPRET=1 (``--interpreter``)."""
     if provider != "triton":
+        return None
+    if interpreter and device.type == "cpu" and is_interpreting():
         return None
     if device.type != "cuda":
         return NO_GPU
@@ -215,23 +267,29 @@ def _sdpa_choice(q, k, v, causal: bool, gqa: bool) -> str:
         return "default"
 
 
-def build_provider(provider: str, q, k, v, causal: bool) -> tuple[Callable, str]:
-    """(fn(q, k, v) -> out, the backend that runs). SDPA is probed with the flash backend forced."""
+def build_provider(provider: str, q, k, v, causal: bool, doc_ids: torch.Tensor | None = None) -> tuple[Callable, str]:
+    """(fn(q, k, v) -> out, the backend that runs). SDPA is probed with the flash backend forced.
+    ``doc_ids`` (B, N): document masking (sdpa gets the boolean mask it implies)."""
     gqa = q.shape[1] != k.shape[1]
     if provider == "triton":
         from llama_mini.kernels.flash_attention import flash_attention  # imports triton: only where it is timed
-        return (lambda q, k, v: flash_attention(q, k, v, causal=causal)), "triton"
+        return (lambda q, k, v: flash_attention(q, k, v, causal=causal, document_ids=doc_ids)), "triton"
     if provider == "eager":
-        return (lambda q, k, v: reference.attention(q, k, v, causal=causal)), "reference (fp32 softmax)"
+        return (lambda q, k, v: reference.attention(q, k, v, causal=causal, document_ids=doc_ids)), \
+            "reference (fp32 softmax)"
     if provider == "compile":
         torch._dynamo.reset()  # one set of graphs per configuration; never the recompile limit
         compiled = torch.compile(reference.attention, dynamic=False)
-        return (lambda q, k, v: compiled(q, k, v, causal=causal)), "inductor (of the reference)"
+        return (lambda q, k, v: compiled(q, k, v, causal=causal, document_ids=doc_ids)), "inductor (of the reference)"
     from torch.nn.attention import SDPBackend, sdpa_kernel
     kw = {"enable_gqa": True} if gqa else {}
+    if doc_ids is not None:  # (B, 1, N, N) boolean, True = attend; built once, outside the timed call
+        N = q.shape[2]
+        mask = reference.attention_mask(N, N, causal=causal, document_ids=doc_ids, device=q.device)
+        kw["attn_mask"] = mask
 
     def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **kw)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and doc_ids is None, **kw)
 
     def sdpa_flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -275,12 +333,16 @@ def run_config(args, timer: Timer, cfg: dict[str, Any], ceilings: dict[str, floa
     """Every provider x mode of one shape/causal/dtype configuration, including its skipped rows."""
     device, B, N, H, Hkv, D = args.device, cfg["batch"], cfg["seqlen"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     rows: dict[tuple[str, str], dict] = {}
+    n_docs = cfg.get("documents") or 0
+    doc_ids = document_ids(B, N, n_docs, args.seed).to(device) if n_docs else None  # (B, N)
 
     def put(provider: str, modes, **fields) -> None:
         for m in modes:
             if (provider, m) not in rows:
+                flops = attention_flops(m, B, H, N, D, cfg["causal"]) if doc_ids is None else \
+                    document_flops(m, H, D, doc_ids)
                 rows[(provider, m)] = {**{k: None for k in CSV_FIELDS}, **cfg, "provider": provider, "mode": m,
-                                       "status": "ok", "flops": attention_flops(m, B, H, N, D, cfg["causal"])}
+                                       "status": "ok", "flops": flops}
             rows[(provider, m)].update(fields)
 
     if H % Hkv:
@@ -295,15 +357,15 @@ def run_config(args, timer: Timer, cfg: dict[str, Any], ceilings: dict[str, floa
     bound = error_bound(cfg["dtype"], device)
     ref = None
     for pr in args.providers:
-        reason = skip_reason(pr, device)
+        reason = skip_reason(pr, device, getattr(args, "interpreter", False))
         if reason:
             put(pr, args.modes, status="skipped", reason=reason)
             continue
         failure = None
         try:  # correctness once per configuration; an OOM or error here ends the provider's rows
             if ref is None:
-                ref = reference_fp32(q, k, v, cfg["causal"])  # (B, H, N, D) float32
-            fn, backend = build_provider(pr, q, k, v, cfg["causal"])
+                ref = reference_fp32(q, k, v, cfg["causal"], doc_ids)  # (B, H, N, D) float32
+            fn, backend = build_provider(pr, q, k, v, cfg["causal"], doc_ids)
             with torch.no_grad():
                 err = (fn(q, k, v).float() - ref).abs().max().item()
         except Exception as e:
@@ -346,7 +408,8 @@ def _failure(e: BaseException) -> dict[str, str]:
 # ---------------------------------------------------------------------------- reporting
 def _progress(r: dict) -> None:
     what = (f"{r['provider']:<7} {r['mode']:<7} causal={str(r['causal']):<5} {r['dtype']:<8} B={r['batch']} "
-            f"N={r['seqlen']} H={r['heads']}/{r['kv_heads']} D={r['head_dim']}")
+            f"N={r['seqlen']} H={r['heads']}/{r['kv_heads']} D={r['head_dim']}"
+            + (f" docs={r['documents']}" if r.get("documents") else ""))
     if r["status"] != "ok":
         print(f"{what}: {r['status'].upper()} {r['reason'] or r['error']}", file=sys.stderr, flush=True)
         return
@@ -356,8 +419,8 @@ def _progress(r: dict) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    cols = [("mode", "mode", ""), ("provider", "provider", ""), ("causal", "causal", ""), ("dtype", "dtype", ""),
-            ("B", "batch", "d"), ("N", "seqlen", "d"), ("H", "heads", "d"), ("Hkv", "kv_heads", "d"),
+    cols = [("mode", "mode", ""), ("provider", "provider", ""), ("causal", "causal", ""), ("docs", "documents", "d"),
+            ("dtype", "dtype", ""), ("B", "batch", "d"), ("N", "seqlen", "d"), ("H", "heads", "d"), ("Hkv", "kv_heads", "d"),
             ("D", "head_dim", "d"), ("ms", "median_ms", ".3f"), ("TFLOP/s", "tflops", ".3g"),
             ("% peak", "pct_of_peak", ".1f"), ("vs sdpa", "vs_sdpa", ".2f"), ("peak MiB", "peak_mem_mib", ",.0f"),
             ("max err", "max_abs_err", ".1e"), ("status", "status", "")]
@@ -369,7 +432,7 @@ def table(rows: list[dict]) -> str:
         if note and note not in notes:
             notes.append(note)
         body.append(cells)
-    return format_table([h for h, _, _ in cols], body, n_left=4, notes=notes)
+    return format_table([h for h, _, _ in cols], body, n_left=5, notes=notes)
 
 
 def plot(path: Path, meta: dict, rows: list[dict]) -> bool:
@@ -433,14 +496,18 @@ def main(argv: list[str] | None = None) -> int:
         "timing": timer.describe(),
         "precision": "inputs in the row's dtype; triton and sdpa accumulate in fp32; eager and compile (the "
                      "reference) compute scores, softmax and PV in fp32 and cast the output",
-        "flops": "fwd 4*B*H*N^2*D (/2 causal); bwd 2.5x fwd; fwd+bwd 3.5x fwd",
+        "flops": "fwd 4*B*H*N^2*D (/2 causal); bwd 2.5x fwd; fwd+bwd 3.5x fwd; with --documents the sum over "
+                 "documents of 4*H*n_d^2*D/2",
         "correctness": "forward output vs llama_mini.kernels.reference.attention in float32, max abs error under err_bound",
-        "triton_status": NO_GPU if device.type != "cuda" else kernels.triton_unavailable_reason(),
+        "triton_status": (INTERPRETER_NOTE if skip_reason("triton", device, args.interpreter) is None else NO_GPU)
+                         if device.type != "cuda" else kernels.triton_unavailable_reason(),
         "peak_tflops": ceilings, "peak_tflops_source": ceiling_src, "config": config,
     }
     print(f"flash attention benchmark: device={device} [{meta['device_name']}], timer={timer.method}, "
           f"torch {meta['torch']}, triton {meta['triton']}", flush=True)
-    if device.type != "cuda":
+    if device.type != "cuda" and skip_reason("triton", device, args.interpreter) is None:
+        print("note: " + INTERPRETER_NOTE, flush=True)
+    elif device.type != "cuda":
         print(NO_GPU + "; timing the PyTorch providers only", flush=True)
     if args.cpu_defaults:
         print(f"CPU-sized defaults for {', '.join('--' + n.replace('_', '-') for n in args.cpu_defaults)} (the GPU "
@@ -458,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                         for N in args.seqlens:
                             B = max(1, args.tokens // N)
                             cfg = dict(dtype=dt, batch=B, seqlen=N, heads=H, kv_heads=kv or H, head_dim=D,
-                                       causal=causal, tokens=B * N)
+                                       causal=causal, documents=args.documents, tokens=B * N)
                             new = run_config(args, timer, cfg, ceilings)
                             for r in new:
                                 _progress(r)

@@ -3,6 +3,7 @@ and a readable device name.
 
     from llama_mini.hardware import peak_flops, peak_memory, device_name
     flops, note = peak_flops(torch.device("cuda"), torch.bfloat16)   # (989.4e12, "...") on an H100 SXM
+    rate, note = measure_matmul_flops(torch.device("cuda"), torch.bfloat16)  # what an 8192^3 matmul reaches
     peak, what = peak_memory(torch.device("cpu"))                     # (bytes, "process max RSS")
 
 Units: ``peak_flops`` returns FLOP/s (not TFLOP/s), ``peak_memory`` returns bytes. Depends on
@@ -16,7 +17,10 @@ import sys
 
 import torch
 
-__all__ = ["PEAK_TFLOPS", "datasheet_tflops", "peak_flops", "peak_memory", "reset_peak_memory", "device_name"]
+__all__ = [
+    "PEAK_TFLOPS", "datasheet_tflops", "peak_flops", "measure_matmul_flops", "peak_memory", "reset_peak_memory",
+    "device_name",
+]
 
 # Dense (no sparsity) peak matrix TFLOP/s from NVIDIA's datasheets, by a substring of
 # torch.cuda.get_device_name(). First match wins, so the more specific names come first.
@@ -89,6 +93,59 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype | str) -> tuple[fl
     name = device_name(device)
     tflops, note = datasheet_tflops(name, dtype)
     return (None if tflops is None else tflops * 1e12), note
+
+
+# Matrix size of the measured matmul rate: 8192^3 on a GPU (1.1 TFLOP, a few ms on an H100: large
+# enough to reach the tensor cores' steady state), 1024^3 on a CPU (2.1 GFLOP, tens of ms).
+MATMUL_N = {"cuda": 8192, "cpu": 1024}
+
+
+def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype | str = torch.bfloat16, n: int | None = None,
+                         repeats: int = 10) -> tuple[float, str]:
+    """(FLOP/s of an n x n x n ``torch.matmul`` in ``dtype`` on ``device``, a note naming what ran).
+
+    The achievable ceiling of this device and library build, as opposed to the datasheet's:
+    MFU against it says how close a training step comes to what a single large matmul reaches
+    here and now (clocks, power limit and cuBLAS included). 2 n^3 FLOPs per call; the median of
+    ``repeats`` calls after three warm-up calls, timed with CUDA events on a GPU and the wall
+    clock elsewhere. ``n`` defaults to ``MATMUL_N`` (8192 on CUDA, 1024 on CPU). float32 honours
+    ``torch.backends.cuda.matmul.allow_tf32`` as every float32 matmul does.
+    """
+    import statistics
+    import time
+
+    device = torch.device(device)
+    dtype = getattr(torch, _dtype_name(dtype)) if isinstance(dtype, str) else dtype
+    n = n or MATMUL_N.get(device.type, 1024)
+    if n < 1 or repeats < 1:
+        raise ValueError(f"measure_matmul_flops: n and repeats must be positive, got n={n}, repeats={repeats}")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)  # (n, n)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)  # (n, n)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.matmul(a, b, out=out)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.matmul(a, b, out=out)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        how = "CUDA events"
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            times.append(time.perf_counter() - t0)
+        how = "wall clock"
+        if device.type == "cpu":
+            how += f", {torch.get_num_threads()} threads"
+    rate = 2 * n**3 / statistics.median(times)
+    return rate, f"measured: {_dtype_name(dtype)} matmul {n}x{n}x{n}, median of {repeats} ({how})"
 
 
 def peak_memory(device: torch.device | str) -> tuple[int | None, str]:
