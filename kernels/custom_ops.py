@@ -50,7 +50,10 @@ Anything else (CPU without the interpreter, float64, bf16 under the interpreter,
 128) raises the kernel's own error: the ops are the kernels. Choosing the plain-PyTorch reference
 for such inputs, and recording why, is the job of the callers (``llama_mini.fused``,
 ``llama_mini.attention.triton_attention``), which decide on dtype, shape and the interpreter flag,
-properties ``torch.compile`` knows while tracing, so the choice costs no graph break. The fake
+properties ``torch.compile`` knows while tracing, so the choice costs no graph break. No
+plain-PyTorch CPU implementation is registered for the case without the interpreter: the model
+never routes a CPU tensor to a kernel there (``triton`` is unavailable on that device), and a
+reference swapped in silently inside the op would bypass the fallback records. The fake
 implementations run anywhere (meta and fake tensors), so shapes and FLOPs of any size can be
 traced on a CPU.
 
