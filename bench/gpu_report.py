@@ -235,8 +235,8 @@ def render(results: dict[str, Any] | None) -> str:
     if results is None:
         out += ["## GPU report", "",
                 "No GPU run yet: every GPU figure and target below is **unmeasured**. The first GPU window runs "
-                "`python bench/gpu_report.py` (see `../shared/GPU.md` in the workspace, or the top of this page) and "
-                "replaces this section with its own.", "",
+                "`bash bench/gpu_run.sh` (`python bench/gpu_report.py`; see the top of this page) and replaces this "
+                "section with its own.", "",
                 "| target | verdict |", "|---|---|"]
         from gpu_parts import ATTN_TARGETS, MFU_TARGET
 
