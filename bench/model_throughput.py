@@ -12,7 +12,8 @@ train    one training step on random tokens (batch, seq_len): the trainer's own
          ``llama_mini.training.step.train_step`` (forward + loss, backward, global-norm clipping,
          AdamW from ``optim.build_optimizer`` with the trainer's default ``OptimConfig``,
          ``zero_grad``), as ``bench/train_throughput.py`` times it; ``host_syncs`` is the
-         step's count of device-to-host reads. Reports step time (median and min), tokens/s = batch * seq_len / median, achieved
+         step's count of device-to-host reads. Reports step time (median and min),
+         tokens/s = batch * seq_len / median, achieved
          TFLOP/s = tokens/s * ``model.flops_per_token(seq_len)`` (model FLOPs, PaLM's 6N +
          attention estimate; recomputation under activation checkpointing is *not* counted,
          the usual MFU convention) and, where the device's dense peak is known (or given with

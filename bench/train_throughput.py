@@ -676,7 +676,8 @@ def max_batch_cuda(args, device, preset: str, backend: str, fused: str, ckpt: st
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    row.update(max_batch=lo, max_batch_capped=hi is None, attn_used=attn_used(backend, device), host_syncs=step.host_syncs,
+    row.update(max_batch=lo, max_batch_capped=hi is None, attn_used=attn_used(backend, device),
+               host_syncs=step.host_syncs,
                max_batch_method=f"OOM search (doubling, then bisection; fits = 2 training steps complete; "
                                 f"limit {args.max_batch_limit})",
                probe=" ".join(log))
