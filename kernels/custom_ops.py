@@ -538,18 +538,25 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
 # --------------------------------------------------------------------------------------------
 
 
-def flash_attention_flops(q_shape, k_shape) -> int:
-    """Forward matmul FLOPs of attention, q k^T and p v over the full T_q x T_k rectangle:
-    4 B H T_q T_k D (H = query heads; causal and document masks are not subtracted, as in
-    PyTorch's formula for ``scaled_dot_product_attention`` and ``Transformer.flops_per_token``)."""
+def flash_attention_flops(q_shape, k_shape, causal: bool = False) -> int:
+    """Forward matmul FLOPs of attention, q k^T and p v: 4 B H D times the (query, key) pairs
+    counted (H = query heads). Without a mask every pair of the T_q x T_k rectangle counts (as
+    in PyTorch's formula for ``scaled_dot_product_attention``). Causal (bottom-right aligned)
+    counts T_q T_k - T_q^2 / 2 pairs: half of T^2 when T_q = T_k, the convention of
+    ``Transformer.flops_per_token`` and of FlashAttention's benchmarks, so that MFU counts only
+    the work a causal model needs (counting the masked half is how MFU figures above 100%
+    happen); all T_k for one decoding query. A document mask is counted as causal over the
+    whole row: the formula sees shapes, not the ids, so packed documents count the upper bound."""
     B, H, Tq, D = q_shape
     Tk = k_shape[2]
-    return 4 * B * H * Tq * Tk * D
+    if not causal:
+        return 4 * B * H * Tq * Tk * D
+    return 2 * B * H * D * (2 * Tq * Tk - Tq * Tq)  # 4 B H D (Tq Tk - Tq^2 / 2), an exact integer
 
 
-def flash_attention_backward_flops(q_shape, k_shape) -> int:
+def flash_attention_backward_flops(q_shape, k_shape, causal: bool = False) -> int:
     """Backward matmul FLOPs, 2.5x the forward: q k^T recomputed, dO v^T, P^T dO, dS k, dS^T q."""
-    return 5 * flash_attention_flops(q_shape, k_shape) // 2
+    return 5 * flash_attention_flops(q_shape, k_shape, causal) // 2
 
 
 def linear_cross_entropy_flops(x_shape, weight_shape, need_dx: bool, need_dw: bool) -> int:
@@ -559,13 +566,15 @@ def linear_cross_entropy_flops(x_shape, weight_shape, need_dx: bool, need_dw: bo
 
 
 @register_flop_formula(torch.ops.llama_mini.flash_attention_fwd)
-def _flash_fwd_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return flash_attention_flops(q_shape, k_shape)
+def _flash_fwd_flop(q_shape, k_shape, v_shape, document_ids_shape, causal, scale, *args, out_shape=None,
+                    **kwargs) -> int:
+    return flash_attention_flops(q_shape, k_shape, causal)
 
 
 @register_flop_formula(torch.ops.llama_mini.flash_attention_bwd)
-def _flash_bwd_flop(dout_shape, q_shape, k_shape, *args, out_shape=None, **kwargs) -> int:
-    return flash_attention_backward_flops(q_shape, k_shape)
+def _flash_bwd_flop(dout_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, document_ids_shape, causal, scale,
+                    *args, out_shape=None, **kwargs) -> int:
+    return flash_attention_backward_flops(q_shape, k_shape, causal)
 
 
 @register_flop_formula(torch.ops.llama_mini.linear_cross_entropy_fwd)

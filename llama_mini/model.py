@@ -215,16 +215,21 @@ class Transformer(nn.Module):
         return count_params(self.args, include_embeddings)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), PaLM's estimate:
+        """Training FLOPs per token (forward + backward), PaLM's estimate with causal attention
+        counted as half:
 
-            6 * N_matmul + 12 * n_layers * dim * seq_len
+            6 * N_matmul + 6 * n_layers * dim * seq_len
 
         N_matmul counts weights used in matrix products (all but the embedding table and the
-        norms, which do no matmul). The second term is attention's q k^T and p v, without
-        halving for causality (the usual MFU convention)."""
+        norms, which do no matmul): 2 FLOPs each forward, 4 backward. The second term is
+        attention's q k^T and p v: 4 * dim * seq_len per token and layer forward over the full
+        T x T, twice that backward, halved because a causal model needs only the pairs on and
+        below the diagonal. Counting the masked half (PaLM's 12 instead of 6) would credit work
+        no causal kernel needs to do and inflate MFU. Recomputation (activation checkpointing,
+        flash attention's backward) is not counted: these are model FLOPs."""
         seq_len = self.args.max_seq_len if seq_len is None else seq_len
         n_matmul = count_params(self.args, include_embeddings=False) - self.args.dim * (2 * self.args.n_layers + 1)
-        return 6.0 * n_matmul + 12.0 * self.args.n_layers * self.args.dim * seq_len
+        return 6.0 * n_matmul + 6.0 * self.args.n_layers * self.args.dim * seq_len
 
     def _validate(self) -> bool:
         """Whether to range-check ids now: on unless switched off (ModelArgs.validate_inputs)

@@ -138,15 +138,17 @@ def test_fallbacks_under_compile_run_the_reference_record_why_and_keep_one_graph
 
 def _expected_flops(model: Transformer, B: int, T: int) -> int:
     """``flops_per_token(T)`` counts 6 N_matmul (every weight matrix: 2 forward, 4 backward;
-    the embedding table and norms do no product) plus 12 L C T for attention: q k^T and p v,
-    4 L C T forward and twice that backward, full T x T without causal halving. The counter
-    also counts 6 N_matmul B T for the linear layers and the fused loss, and for attention our
-    formulas, the same as PyTorch's for sdpa: 4 B H T^2 D forward and 2.5x that backward,
-    since the backward recomputes q k^T. With H D = C that is 14 L B T^2 C, so the counter
-    exceeds ``flops_per_token * B * T`` by exactly the recomputed product, 2 L B T^2 C."""
+    the embedding table and norms do no product) plus 6 L C T for causal attention: q k^T and
+    p v, 4 L C T forward over the full T x T and twice that backward, halved for causality.
+    The counter also counts 6 N_matmul B T for the linear layers and the fused loss, and for
+    attention our formulas: causal 2 B H T^2 D forward (half of PyTorch's sdpa count) and 2.5x
+    that backward, since the backward recomputes q k^T. With H D = C that is 7 L B T^2 C, so
+    the counter exceeds ``flops_per_token * B * T`` by exactly the recomputed product,
+    L B T^2 C. An MFU from flops_per_token therefore never credits the masked half nor the
+    recomputation."""
     args = model.args
     C = args.n_heads * args.head_dim
-    return int(model.flops_per_token(T) * B * T) + 2 * args.n_layers * B * T * T * C
+    return int(model.flops_per_token(T) * B * T) + args.n_layers * B * T * T * C
 
 
 def _count_step(model, tokens, targets, **kw):
@@ -163,8 +165,8 @@ def test_flop_counter_sees_our_ops_and_matches_flops_per_token():
     tokens, targets, kw = _batch(B, T, packed=True)
     total, per_op = _count_step(model, tokens, targets, **kw)
     L, H, D = model.args.n_layers, model.args.n_heads, model.args.head_dim
-    assert per_op["llama_mini.flash_attention_fwd"] == L * 4 * B * H * T * T * D
-    assert per_op["llama_mini.flash_attention_bwd"] == L * 10 * B * H * T * T * D
+    assert per_op["llama_mini.flash_attention_fwd"] == L * 2 * B * H * T * T * D  # causal: half of 4 B H T^2 D
+    assert per_op["llama_mini.flash_attention_bwd"] == L * 5 * B * H * T * T * D
     assert per_op["llama_mini.linear_cross_entropy_fwd"] == 6 * B * T * model.args.dim * model.args.vocab_size
     assert total == _expected_flops(model, B, T)
 
@@ -184,6 +186,6 @@ def test_flop_counter_matches_flops_per_token_for_presets(preset):
         tokens = torch.randint(0, args.vocab_size, (B, T))
         targets = torch.randint(0, args.vocab_size, (B, T))
         total, per_op = _count_step(model, tokens, targets)
-    assert per_op["llama_mini.flash_attention_fwd"] == 2 * 4 * B * args.n_heads * T * T * args.head_dim
+    assert per_op["llama_mini.flash_attention_fwd"] == 2 * 2 * B * args.n_heads * T * T * args.head_dim
     assert "llama_mini.flash_attention_bwd" in per_op and "llama_mini.linear_cross_entropy_fwd" in per_op
     assert total == _expected_flops(model, B, T)
