@@ -40,7 +40,7 @@ import torch
 from .. import ops
 from ..checkpoint import atomic_write_text
 from ..generation import generate
-from ..hardware import peak_flops, peak_memory
+from ..hardware import measure_matmul_flops, peak_flops, peak_memory
 from ..model import Transformer
 from ..parallel import init_weights
 from .checkpointing import latest_checkpoint, load_checkpoint, read_trainer_state, resolve_resume, save_checkpoint
@@ -54,6 +54,14 @@ from .precision import LossScaler, autocast_factory
 from .step import EmptyBatchError, train_step
 
 __all__ = ["Trainer", "NonFiniteLossError"]
+
+
+def fmt_tflops(flops: float | None) -> str:
+    """FLOP/s as "989.4 TFLOP/s" ("1.23 TFLOP/s" below 10), or "none"."""
+    if flops is None:
+        return "none"
+    t = flops / 1e12
+    return f"{t:.1f} TFLOP/s" if t >= 10 else f"{t:.3g} TFLOP/s"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -327,6 +335,12 @@ class Trainer:
         seq_len = self.max_len or args.max_seq_len
         compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.run.precision]
         peak, peak_note = peak_flops(self.dist.device, compute_dtype)
+        # MFU against two named ceilings: the card's datasheet peak (none on a CPU) and what one
+        # large matmul reaches on this device now (clocks, power limit, library build included).
+        on_cpu = self.dist.device.type == "cpu"
+        matmul, matmul_note = measure_matmul_flops(self.dist.device, compute_dtype, n=512 if on_cpu else None,
+                                                   repeats=5 if on_cpu else 10)
+        ceilings = {"peak": peak, "peak_note": peak_note, "matmul": matmul, "matmul_note": matmul_note}
         flops_per_token = self.model.flops_per_token(seq_len)
         n_params = self.model.num_params()
         global_batch = cfg.data.batch_size * cfg.schedule.grad_accum * self.dist.dp_size
@@ -341,11 +355,14 @@ class Trainer:
             f"({cfg.data.batch_size} x {cfg.schedule.grad_accum} accumulation x {self.dist.dp_size} ranks); "
             f"{self.streams.num_streams} data stream(s); run directory {self.run_dir}"
         )
+        self.say(f"MFU ceilings: datasheet {fmt_tflops(peak)} ({peak_note}); matmul {fmt_tflops(matmul)} "
+                 f"({matmul_note})")
         if not resumed:
             logger.log({"event": "start", "params": n_params, "layout": {
                 "world_size": self.dist.world_size, "mp_size": self.dist.mp_size, "dp_size": self.dist.dp_size},
                 "device": str(self.dist.device), "flops_per_token": flops_per_token,
-                "peak_flops": peak, "peak_flops_note": peak_note, "global_batch": global_batch, "seq_len": seq_len,
+                "peak_flops": peak, "peak_flops_note": peak_note, "matmul_flops": matmul, "matmul_flops_note": matmul_note,
+                "global_batch": global_batch, "seq_len": seq_len,
                 "config": cfg.to_dict()}, step=0)
             first_eval = self.evaluate()
             if first_eval is not None:
@@ -355,7 +372,7 @@ class Trainer:
         if self.step >= cfg.schedule.steps:
             self.say(f"the run is complete at step {self.step} (schedule.steps={cfg.schedule.steps}); "
                      "nothing to train. Use another run.name to train again.")
-            return self._finish(logger, peak, flops_per_token, seq_len, trained=False)
+            return self._finish(logger, ceilings, flops_per_token, seq_len, trained=False)
 
         stop_at = cfg.run.stop_at or cfg.schedule.steps
         show_bar = self.dist.is_main and cfg.logging.progress and sys.stderr.isatty()
@@ -386,9 +403,10 @@ class Trainer:
                 self._bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
             if self.step % cfg.logging.log_interval == 0 or self.step == stop_at:
                 util = mfu(tok_s, flops_per_token, peak, self.dist.world_size)
+                util_matmul = mfu(tok_s, flops_per_token, matmul, self.dist.world_size)
                 record = {"loss": out["loss"], "loss_avg": sum(interval_losses) / len(interval_losses),
                           "lr": out["lr"], "grad_norm": out["grad_norm"], "tokens": self.tokens_seen,
-                          "tok_s": tok_s, "mfu": util, "skipped_steps": self.skipped_steps,
+                          "tok_s": tok_s, "mfu": util, "mfu_matmul": util_matmul, "skipped_steps": self.skipped_steps,
                           "host_syncs": out["host_syncs"]}
                 if self.scaler.enabled:
                     record["loss_scale"] = self.scaler.scale
@@ -397,7 +415,8 @@ class Trainer:
                 if self._bar is None:
                     self.say(f"step {self.step}/{cfg.schedule.steps}: loss {out['loss']:.4f} lr {out['lr']:.2e} "
                              f"grad norm {out['grad_norm']:.3f} {tok_s:,.0f} tok/s"
-                             + (f" mfu {util:.1%}" if util is not None else ""))
+                             + (f" mfu {util:.1%}" if util is not None else "")
+                             + f" ({util_matmul:.0%} of matmul)")
             last = self.step == stop_at
             if (cfg.run.eval_interval and self.step % cfg.run.eval_interval == 0) or (last and stop_at == cfg.schedule.steps):
                 result = self.evaluate()
@@ -418,9 +437,9 @@ class Trainer:
             self._bar = None
         if self.step < cfg.schedule.steps:  # interrupted or stop_at
             return {"step": self.step, "stopped": True, "checkpoint": latest_checkpoint(self.ckpt_root)}
-        return self._finish(logger, peak, flops_per_token, seq_len, trained=True)
+        return self._finish(logger, ceilings, flops_per_token, seq_len, trained=True)
 
-    def _finish(self, logger: MetricsLogger, peak: float | None, flops_per_token: float, seq_len: int,
+    def _finish(self, logger: MetricsLogger, ceilings: dict[str, Any], flops_per_token: float, seq_len: int,
                 trained: bool) -> dict[str, Any]:
         cfg = self.cfg
         mem, mem_note = peak_memory(self.dist.device)
@@ -430,7 +449,9 @@ class Trainer:
             "step": self.step, "tokens": self.tokens_seen, "params": self.model.num_params(),
             "loss_first": self.history.get("loss_first"), "loss_last": self.history.get("loss_last"),
             "val_loss_start": self.history.get("val_loss_start"), "val_loss": self.history.get("val_loss_last"),
-            "tok_s": tok_s, "mfu": mfu(tok_s, flops_per_token, peak, self.dist.world_size),
+            "tok_s": tok_s, "mfu": mfu(tok_s, flops_per_token, ceilings["peak"], self.dist.world_size),
+            "mfu_matmul": mfu(tok_s, flops_per_token, ceilings["matmul"], self.dist.world_size),
+            "mfu_ceilings": ceilings,
             "peak_memory_bytes": mem, "peak_memory_note": mem_note, "skipped_steps": self.skipped_steps,
             "host_syncs": self.history.get("host_syncs"),
             "train_seconds": self.history.get("train_seconds"), "data": self.data_counts(),
@@ -479,8 +500,12 @@ class Trainer:
                 f"{fmt(math.exp(start) if start is not None else None, ',.1f')} -> {math.exp(s['val_loss']):,.1f}"
             )
         lines += [
-            f"  throughput     {s['tok_s']:,.0f} tokens/s" + (f", MFU {s['mfu']:.1%}" if s["mfu"] is not None else "")
+            f"  throughput     {s['tok_s']:,.0f} tokens/s"
             + (f", {s['host_syncs']} host syncs per step" if s["host_syncs"] is not None else ""),
+            f"  MFU            " + (f"{s['mfu']:.1%} of the datasheet peak ({s['mfu_ceilings']['peak_note']}, "
+                                    f"{fmt_tflops(s['mfu_ceilings']['peak'])}); " if s["mfu"] is not None else "")
+            + f"{fmt(s['mfu_matmul'], '.1%')} of the matmul rate ({s['mfu_ceilings']['matmul_note']}, "
+              f"{fmt_tflops(s['mfu_ceilings']['matmul'])})",
             f"  peak memory    {fmt(s['peak_memory_bytes'] and s['peak_memory_bytes'] / 2**20, ',.0f')} MiB ({s['peak_memory_note']})",
             f"  data           {s['data'].get('documents', 0):,} documents, {s['data'].get('sequences', 0):,} sequences, "
             f"kept {s['data'].get('tokens_kept', 0):,} / dropped {s['data'].get('tokens_dropped', 0):,} / "
