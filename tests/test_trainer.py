@@ -55,6 +55,12 @@ def test_tiny_run_learns_and_leaves_its_outputs(tmp_path, train_data):
     assert start["params"] == trainer.model.num_params() and start["layout"]["world_size"] == 1
     end = next(r for r in records if r.get("event") == "end")
     assert end["tok_s"] > 0 and end["peak_memory_bytes"] > 0
+    # MFU against the measured matmul rate (a CPU has no datasheet peak): logged, and consistent
+    assert start["peak_flops"] is None and start["matmul_flops"] > 0 and "matmul" in start["matmul_flops_note"]
+    assert summary["mfu"] is None and summary["mfu_matmul"] == pytest.approx(
+        summary["tok_s"] * start["flops_per_token"] / start["matmul_flops"])
+    assert all(r["mfu_matmul"] > 0 for r in records if "tok_s" in r and "event" not in r)
+    assert "of the matmul rate" in (run / "train.log").read_text()
     # outputs: plot, sample, config, log, and a Meta checkpoint that loads on its own
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "sample.txt").read_text().startswith("The meaning of life is")
