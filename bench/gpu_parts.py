@@ -25,6 +25,7 @@ time left after every core part.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -53,6 +54,11 @@ KERNELS: dict[str, tuple[str, str | None]] = {
     "cross_entropy": ("test_cross_entropy_kernel.py", "cross_entropy"),
     "linear_cross_entropy": ("test_linear_cross_entropy_kernel.py", "linear_cross_entropy"),
 }
+
+# Tests of the layers above the kernels, run on the GPU in the wide stage: the custom operators
+# (opcheck: fake shapes and strides against the real kernels), the whole model under
+# torch.compile(fullgraph=True), and the model's op wrappers.
+EXTRA_TESTS = {"custom ops": "test_custom_ops.py", "torch.compile": "test_compile.py", "model wrappers": "test_fused_ops.py"}
 
 # Flash attention targets (docs/kernels.md): head dim 128, causal, bf16, lengths 4k-16k.
 ATTN_TARGETS = {"fwd": 1.2, "bwd": 1.0}  # minimum speed-up over SDPA (flash backend) per mode
@@ -297,7 +303,10 @@ def _pytest_env(part: Part) -> dict[str, str]:
 def correctness_part(part: Part) -> None:
     """The kernel tests with the interpreter off (GPU) into JUnit XML, summarised per kernel."""
     key = "correctness-wide" if part.stage == "wide" else "correctness"
-    files = [f for f, _ in KERNELS.values() if (TESTS_DIR / f).is_file()]
+    groups = {k: f for k, (f, _) in KERNELS.items()}
+    if part.stage == "wide":
+        groups.update(EXTRA_TESTS)
+    files = [f for f in groups.values() if (TESTS_DIR / f).is_file()]
     if not files:
         part.skip("kernel tests", f"no test files under {TESTS_DIR}: run the report from a checkout")
         for kernel in KERNELS:
@@ -310,6 +319,9 @@ def correctness_part(part: Part) -> None:
         timeout = max(10.0, part.left() - 5)
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
                f"--junitxml={junit}", *_selection(part, files)]
+        if importlib.util.find_spec("pytest_timeout") is not None:
+            # A hung kernel fails its own test instead of stopping pytest before it writes its XML.
+            cmd.insert(3, f"--timeout={90 if part.dry_run else 120}")
         print("  $ " + " ".join(cmd), flush=True)
         try:
             rc = subprocess.run(cmd, cwd=ROOT, env=_pytest_env(part), timeout=timeout).returncode
@@ -319,7 +331,7 @@ def correctness_part(part: Part) -> None:
         counts = _junit_counts(junit) if junit.is_file() else {}
         kernels: dict[str, dict[str, Any]] = {}
         rows = []
-        for kernel, (test_file, _) in KERNELS.items():
+        for kernel, test_file in groups.items():
             c = counts.get(Path(test_file).stem, {"passed": 0, "failed": 0, "skipped": 0})
             ok = c["failed"] == 0
             ran = c["passed"] + c["failed"] > 0
@@ -340,7 +352,7 @@ def correctness_part(part: Part) -> None:
 
 def _junit_counts(path: Path) -> dict[str, dict[str, int]]:
     """{test module stem: {"passed", "failed", "skipped"}} from pytest's JUnit XML."""
-    stems = {Path(f).stem for f, _ in KERNELS.values()}
+    stems = {Path(f).stem for f, _ in KERNELS.values()} | {Path(f).stem for f in EXTRA_TESTS.values()}
     counts: dict[str, dict[str, int]] = {}
     for case in ET.parse(path).getroot().iter("testcase"):
         parts = case.get("classname", "").split(".")
