@@ -575,34 +575,46 @@ class BlockConfig:
 
 
 C = BlockConfig
-# Candidates per padded head dim, chosen from an ahead-of-time sweep (docs/kernels.md): every
+# Candidates per padded head dim, chosen from ahead-of-time sweeps (docs/kernels.md): every
 # entry compiles for its targets with no register spills and within shared memory, causal and
-# with document masking, and tests/test_flash_attention_aot.py keeps it that way. Larger head
-# dims hold bigger q / accumulator tiles in registers, so their tiles shrink. Head dims above
-# 128 spilled in every configuration tried and are not offered (the model falls back to sdpa).
+# with document masking, under both triton 3.6 (the GPU machine's, ptxas 12.8) and triton 3.9
+# (ptxas 12.9 / 13.4), and tests/test_flash_attention_aot.py keeps it that way for the
+# installed triton (bench/triton_compat.sh runs the check under another). Larger head dims
+# hold bigger q / accumulator tiles in registers, so their tiles shrink. Head dims above 128
+# spilled in every configuration tried and are not offered (the model falls back to sdpa).
+# Each table serves Ampere (sm_80 - sm_89); a *_HOPPER table, where it has the head dim,
+# replaces it on sm_90 and newer, whose warpgroup MMA allocates registers differently.
 _FWD = {
-    16: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3)],
+    16: [C(128, 64, 4, 3), C(128, 128, 4, 3), C(64, 64, 4, 3)],
     32: [C(128, 64, 4, 3), C(128, 128, 8, 3), C(64, 64, 4, 3)],
     64: [C(128, 64, 8, 3), C(64, 64, 4, 3)],
-    128: [C(128, 64, 8, 3), C(128, 32, 8, 3), C(64, 64, 4, 3)],
+    128: [C(128, 32, 8, 3), C(64, 64, 8, 3), C(64, 32, 4, 3)],
 }
+# M128 N64 w8 and M64 N64 w4 spill 8 B on sm_80 with document masking under triton 3.6.
+_FWD_HOPPER = {128: [C(128, 64, 8, 3), C(128, 32, 8, 3), C(64, 64, 4, 3)]}
 # dK/dV programs own a key tile (BLOCK_N rows) and stream query tiles (BLOCK_M rows) past it,
-# holding k, v, dK and dV for the whole loop: the register-hungriest kernel. At head dim 128
-# no tiling is spill-free on both Hopper and Ampere, so the two get their own candidates.
+# holding k, v, dK and dV for the whole loop: the register-hungriest kernel. Under triton 3.6
+# on sm_80 only M16 N128 w8 s3 is spill-free at head dim 64 (255 registers), and at 128 no
+# M32 N64 / M16 N128 tiling fits both Hopper and Ampere, so the two get their own candidates.
 _DKDV = {
     16: [C(32, 128, 8, 3), C(16, 128, 8, 3)],
-    32: [C(32, 128, 8, 3), C(64, 64, 4, 3), C(16, 128, 8, 3)],
-    64: [C(32, 128, 8, 3), C(16, 128, 8, 3)],
-    128: [C(32, 64, 8, 2)],
+    32: [C(32, 128, 8, 2), C(16, 128, 8, 3), C(16, 64, 4, 3)],
+    64: [C(16, 128, 8, 3)],
+    128: [C(32, 64, 8, 3), C(32, 32, 8, 2), C(16, 64, 8, 3)],
 }
-_DKDV_HOPPER = {128: [C(16, 128, 8, 2), C(16, 128, 8, 3)]}
-# dQ programs own a query tile and stream key tiles.
+_DKDV_HOPPER = {
+    64: [C(32, 128, 8, 3), C(16, 128, 8, 3)],
+    128: [C(16, 128, 8, 2), C(16, 64, 8, 3)],
+}
+# dQ programs own a query tile and stream key tiles. At head dim 128, M64 N64 w8 spills 152 B
+# on sm_90 with document masking under triton 3.6, and M128 N64 w8 spills on sm_80.
 _DQ = {
     16: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 3)],
     32: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 3)],
     64: [C(128, 32, 8, 3), C(64, 64, 4, 3), C(128, 64, 8, 3)],
     128: [C(64, 64, 8, 2), C(64, 32, 4, 3)],
 }
+_DQ_HOPPER = {128: [C(128, 64, 8, 2), C(128, 32, 8, 3), C(64, 32, 4, 3)]}
 del C
 _PREPROCESS_BLOCK_M = 64
 
@@ -618,15 +630,21 @@ def arch_family(arch: int) -> int:
     return 90 if arch >= 90 else 80
 
 
+def _candidates(table: dict, hopper: dict, block_d: int, arch: int) -> list[BlockConfig]:
+    """``hopper[block_d]`` on sm_90 and newer where it exists, else ``table[block_d]``."""
+    found = hopper.get(block_d) if arch_family(arch) == 90 else None
+    return list(found or table[block_d])
+
+
 def fwd_configs(block_d: int, arch: int = 90) -> list[BlockConfig]:
     """Forward autotune candidates for a padded head dim on ``sm_{arch}``."""
-    return list(_FWD[block_d])
+    return _candidates(_FWD, _FWD_HOPPER, block_d, arch)
 
 
 def bwd_configs(block_d: int, arch: int = 90) -> dict[str, list[BlockConfig]]:
     """Backward autotune candidates on ``sm_{arch}``: {"dkdv": [...], "dq": [...]}."""
-    dkdv = _DKDV_HOPPER.get(block_d) if arch_family(arch) == 90 else None
-    return {"dkdv": list(dkdv or _DKDV[block_d]), "dq": list(_DQ[block_d])}
+    return {"dkdv": _candidates(_DKDV, _DKDV_HOPPER, block_d, arch),
+            "dq": _candidates(_DQ, _DQ_HOPPER, block_d, arch)}
 
 
 _KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "pre": _attn_bwd_preprocess}

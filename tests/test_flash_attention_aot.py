@@ -88,6 +88,21 @@ def test_the_checker_catches_spills_shared_memory_and_missing_tensor_cores(repor
     assert any("do not use HGMMA" in p for p in found["bad: no tensor cores"]), found
 
 
+def test_every_kernel_head_dim_and_arch_has_candidates():
+    """Each autotuned kernel needs at least one candidate per padded head dim and architecture
+    family, and a Hopper table only replaces head dims the Ampere table has."""
+    from llama_mini.kernels import flash_attention as fa
+
+    for arch in (80, 86, 89, 90, 100):
+        for block_d in sorted({fa.block_d_for(d) for d in fa.AOT_HEAD_DIMS}):
+            tables = {"fwd": fa.fwd_configs(block_d, arch), **fa.bwd_configs(block_d, arch)}
+            for kind, table in tables.items():
+                assert table, f"no {kind} candidates for padded head dim {block_d} on sm_{arch}"
+                assert len(set(table)) == len(table), f"{kind} D={block_d} sm_{arch}: duplicates {table}"
+    for ampere, hopper in ((fa._FWD, fa._FWD_HOPPER), (fa._DKDV, fa._DKDV_HOPPER), (fa._DQ, fa._DQ_HOPPER)):
+        assert set(hopper) <= set(ampere)
+
+
 def test_report_problems_from_numbers():
     from llama_mini.kernels.aot import CompileReport
 
