@@ -594,12 +594,13 @@ _FWD = {
 _FWD_HOPPER = {128: [C(128, 64, 8, 3), C(128, 32, 8, 3), C(64, 64, 4, 3)]}
 # dK/dV programs own a key tile (BLOCK_N rows) and stream query tiles (BLOCK_M rows) past it,
 # holding k, v, dK and dV for the whole loop: the register-hungriest kernel. Under triton 3.6
-# on sm_80 only M16 N128 w8 s3 is spill-free at head dim 64 (255 registers), and at 128 no
-# M32 N64 / M16 N128 tiling fits both Hopper and Ampere, so the two get their own candidates.
+# on sm_80 the larger tiles spill at head dim 64 (M16 N128 w8 s3 fits with all 255 registers,
+# M32 N32 w4 s3 with 242), and at 128 no M32 N64 / M16 N128 tiling fits both Hopper and
+# Ampere, so the two get their own candidates.
 _DKDV = {
     16: [C(32, 128, 8, 3), C(16, 128, 8, 3)],
     32: [C(32, 128, 8, 2), C(16, 128, 8, 3), C(16, 64, 4, 3)],
-    64: [C(16, 128, 8, 3)],
+    64: [C(16, 128, 8, 3), C(32, 32, 4, 3)],
     128: [C(32, 64, 8, 3), C(32, 32, 8, 2), C(16, 64, 8, 3)],
 }
 _DKDV_HOPPER = {
