@@ -23,6 +23,8 @@
 #   --arch "80 90"    compute capabilities (default "80 90").
 #   MODULE...         kernel modules (default: flash_attention rms_norm cross_entropy
 #                     linear_cross_entropy rotary swiglu).
+#   PYTHON=...        (environment) the interpreter that creates the environment (default
+#                     python3); the environment has its Python version.
 #
 # Needs: python with torch (CPU build is fine) and pip that can reach the package index for
 # triton and for setuptools (the editable install builds in isolation). Nothing outside the
