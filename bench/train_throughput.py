@@ -35,7 +35,8 @@ counted: the usual MFU convention), MFU = TFLOP/s over the device's dense peak
 (``torch.cuda.max_memory_allocated`` over one step after warmup; null on CPU, with the reason),
 parameter count, the attention backend actually used, the op resolutions, and ``host_syncs``: the
 device-to-host reads the step made (``StepResult.host_syncs``: two of the step's own, plus our
-model's input range checks, two more, which ``PlainLlama`` does not make). Timing: do_bench
+model's input range checks, two more, which ``PlainLlama`` does not make, plus the fused loss's
+target check with the fused ops on). Timing: do_bench
 on CUDA, wall clock elsewhere (``bench/common.py``'s ``Timer``).
 
 Largest batch (``--max-batch``, on by default), per (preset, backend, checkpointing), with the

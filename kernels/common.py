@@ -20,12 +20,28 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["TRITON_DTYPE", "is_interpreting", "check_device", "empty", "empty_like", "poisoned_outputs"]
+__all__ = ["TRITON_DTYPE", "is_interpreting", "check_device", "empty", "empty_like", "poisoned_outputs", "host_read",
+           "host_reads"]
 
 # Triton's names of the torch dtypes the kernels take (signatures, constexpr dtype switches).
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 _POISON: list[bool] = [False]
+_HOST_READS: list[int] = [0]
+
+
+def host_read(t: torch.Tensor) -> list:
+    """``t.tolist()``, counted. Each such read makes the host wait for the device's queue, so
+    the kernels' input checks and the model's range checks read through here, and the training
+    step (``llama_mini.training.step``) reports how many reads a step made: the difference of
+    :func:`host_reads` before and after it."""
+    _HOST_READS[0] += 1
+    return t.tolist()
+
+
+def host_reads() -> int:
+    """How many :func:`host_read` calls this process has made so far."""
+    return _HOST_READS[0]
 
 
 def is_interpreting() -> bool:

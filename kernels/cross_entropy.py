@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import TRITON_DTYPE, check_device, empty, is_interpreting
+from .common import TRITON_DTYPE, check_device, empty, host_read, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -181,7 +181,7 @@ def check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> int:
         return 0
     counted = targets != ignore_index
     bad = counted & ((targets < 0) | (targets >= V))
-    n_bad, n_counted = torch.stack((bad.sum(), counted.sum())).tolist()
+    n_bad, n_counted = host_read(torch.stack((bad.sum(), counted.sum())))
     if n_bad:
         first = int(targets[bad][0])
         raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or equal ignore_index={ignore_index}; "

@@ -49,7 +49,7 @@ import weakref
 
 import torch
 
-from .common import TRITON_DTYPE, check_device, empty, is_interpreting
+from .common import TRITON_DTYPE, check_device, empty, host_read, is_interpreting
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import next_power_of_2  # noqa: E402
@@ -203,7 +203,7 @@ def _validate(q, k, cos, sin, position_ids, check_positions: bool = True):
         _check_device("position_ids", position_ids, device)
         if check_positions and position_ids.numel() and not _already_checked(position_ids, L):
             lo, hi = torch.aminmax(position_ids)
-            lo, hi = (int(v) for v in torch.stack((lo, hi)).tolist())  # one host sync
+            lo, hi = (int(v) for v in host_read(torch.stack((lo, hi))))  # one host sync
             if lo < 0 or hi >= L:
                 raise ValueError(f"apply_rotary: position_ids must lie in [0, {L}) (the cos/sin tables have "
                                  f"L = {L} rows), got values in [{lo}, {hi}]")

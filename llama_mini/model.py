@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops, parallel
 from .attention import get_attention_backend
 from .config import ModelArgs
+from .kernels.common import host_read
 from .kv_cache import KVCache
 from .rope import RotaryEmbedding, rope_frequencies
 
@@ -363,7 +364,7 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 def _min_max(t: torch.Tensor) -> tuple[int, int]:
     """(min, max) of an integer tensor as Python ints, with a single device-to-host copy."""
-    lo, hi = torch.stack([t.min(), t.max()]).tolist()
+    lo, hi = host_read(torch.stack([t.min(), t.max()]))  # counted: the training step reports it
     return int(lo), int(hi)
 
 

@@ -111,6 +111,29 @@ def test_the_models_input_checks_are_counted_too(docs):
     assert len(seen) == out.host_syncs == MIN_HOST_SYNCS + 2 * per_batch  # the ignored one never runs
 
 
+@pytest.mark.parametrize("docs", [False, True])
+def test_the_kernels_input_checks_are_counted_too(docs):
+    """With every op on Triton (the CUDA default; the interpreter here) the fused loss checks its
+    targets (one read per call) and RoPE its position ids (one read per micro-batch that gives
+    them): the step's count is what was read, every read."""
+    from llama_mini.ops import triton_runs_on
+
+    if not triton_runs_on(torch.device("cpu"))[0]:
+        pytest.skip(triton_runs_on(torch.device("cpu"))[1])
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset(
+        "debug", vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, multiple_of=16, max_seq_len=32,
+        attn_backend="triton", norm_impl="triton", rope_impl="triton", mlp_impl="triton", loss_impl="triton",
+        linear_loss_impl="triton"))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
+    micro = [batch(1, docs=docs), batch(2, ignored=12, docs=docs), batch(3, T=7, docs=docs)]
+    with count_host_reads(opt) as seen:
+        out = train_step(model, opt, micro, grad_clip=1.0)
+    model_checks = 3 if docs else 2  # tokens, targets (and positions)
+    kernel_checks = 1 + (1 if docs else 0)  # the loss's targets (and RoPE's positions)
+    assert len(seen) == out.host_syncs == MIN_HOST_SYNCS + 2 * (model_checks + kernel_checks), seen
+
+
 def test_fp16_scaling_and_autocast_add_no_read():
     model = tiny(validate=False)
     opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)

@@ -28,9 +28,11 @@ mean cross-entropy over the targets that count (``!= ignore_index``). That is th
   7. ``zero_grad(set_to_none=True)``.
 
 Host synchronisations. Every read of a tensor's value on the host (``.item()``, ``float()``,
-``int()``, ``bool()``, ``.tolist()``) makes the host wait for the device queue, so the step reads
-through one counting helper, and ``StepResult.host_syncs`` reports the number. The minimum, and
-what the step does, is two reads per step whatever the number of micro-batches:
+``int()``, ``bool()``, ``.tolist()``) makes the host wait for the device queue. The step, the
+model's range checks and the kernels' input checks all read through one counting helper
+(``llama_mini.kernels.common.host_read``), and ``StepResult.host_syncs`` is the number of reads
+made during the step, measured, not assumed. The step's own minimum, and what it does, is two
+reads per step whatever the number of micro-batches:
 
   read 1  the counts [n_1 .. n_M, N], one ``.tolist()``. The weights n_j / N must be Python
           numbers before the first backward (a micro-batch with n_j = 0 is left out: its mean is
@@ -44,10 +46,12 @@ what the step does, is two reads per step whatever the number of micro-batches:
 
 Clipping multiplies by ``torch.where(isfinite(norm), min(1, clip / (norm + 1e-6)), 1)`` on the
 device instead of testing the norm on the host first (``optim.clip_grad_norm_`` does that: one
-read more); the numbers are the same. The forward may read values itself: a ``Transformer``
-with ``ModelArgs.validate_inputs`` range-checks its id tensors, one read per tensor given
-(``input_ids``, ``target_ids``, ``position_ids``), left out under ``torch.compile``; the step adds
-these to ``host_syncs`` for a ``Transformer`` forward. AdamW's own ``.item()`` calls read the
+read more); the numbers are the same. The forward reads values too, and they are counted: a
+``Transformer`` with ``ModelArgs.validate_inputs`` range-checks its id tensors, one read per
+tensor given (``input_ids``, ``target_ids``, ``position_ids``; skipped under ``torch.compile``);
+the Triton cross-entropy and linear + cross-entropy check their targets (one read per call),
+and the Triton RoPE its position ids (one read per new tensor). A forward that reads values
+without ``host_read`` (a model of your own) is not counted. AdamW's own ``.item()`` calls read the
 per-parameter step counters, which torch keeps on the CPU (non-fused) or does not read (fused):
 they wait for no device and are not counted.
 """
@@ -63,6 +67,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..kernels.common import host_read, host_reads
 from .distributed import all_reduce
 from .optim import global_grad_norm, set_lr
 from .precision import LossScaler
@@ -94,31 +99,10 @@ class StepResult:
     extra: list[float] = field(default_factory=list)  # the caller's extra values summed over the world
 
 
-class _HostReads:
-    """The one way the step reads tensor values on the host; counts every read."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def read(self, t: torch.Tensor) -> list:
-        self.count += 1
-        return t.tolist()
-
-
 def _group_size(group) -> int:
     if group is None or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
-
-
-def _forward_reads(forward: Callable, batch: dict) -> int:
-    """Host reads the forward makes on its own: a ``Transformer``'s input range checks."""
-    from ..model import Transformer
-
-    if not isinstance(forward, Transformer) or not forward.args.validate_inputs:
-        return 0
-    return sum(1 for k in ("input_ids", "target_ids", "position_ids")
-               if batch.get(k) is not None and batch[k].numel())
 
 
 def all_reduce_grads(model: nn.Module, group=None) -> None:
@@ -208,7 +192,7 @@ def train_step(
     if ignore_index is None:
         ignore_index = getattr(getattr(model, "args", None), "ignore_index", -100)
     dp_size, mp_size = _group_size(dp_group), _group_size(mp_group)
-    reads = _HostReads()
+    reads_before = host_reads()
 
     # read 1: every micro-batch's count and the global count, in one transfer
     data_parallel = dist.is_initialized() and dp_group is not None
@@ -220,9 +204,9 @@ def train_step(
         if data_parallel:
             total = local.sum().reshape(1).to(device, torch.float64)
             all_reduce(total, dp_group)
-            got = reads.read(torch.cat([local.to(device, torch.float64), total]))
+            got = host_read(torch.cat([local.to(device, torch.float64), total]))
         else:
-            got = reads.read(torch.cat([local, local.sum().reshape(1)]))
+            got = host_read(torch.cat([local, local.sum().reshape(1)]))
         counts, n_global = [int(n) for n in got[:-1]], float(got[-1])
     else:
         counts, n_global = [int(n) for n in counts], float(sum(counts))
@@ -231,13 +215,11 @@ def train_step(
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     processed = 0
-    forward_reads = 0
     for batch, n in zip(micro_batches, counts):
         processed += batch["input_ids"].numel()
         if n == 0:  # every target ignored: contributes nothing (its mean would be 0/0)
             continue
         optional = {k: batch[k].to(device) for k in _OPTIONAL if batch.get(k) is not None}
-        forward_reads += _forward_reads(forward, batch)
         with autocast():
             loss = forward(batch["input_ids"].to(device), batch["target_ids"].to(device), **optional)
         (loss * (n / n_global * scaler.scale)).backward()
@@ -257,7 +239,7 @@ def train_step(
     packed = torch.cat([loss_sum.reshape(1), torch.tensor([float(x) for x in extra], dtype=torch.float64,
                                                           device=device)])
     all_reduce(packed)
-    values = reads.read(torch.cat([packed, norm.to(device, torch.float64).reshape(1)]))
+    values = host_read(torch.cat([packed, norm.to(device, torch.float64).reshape(1)]))
     loss_value = values[0] / mp_size / n_global
     grad_norm = values[-1]
 
@@ -275,4 +257,4 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_value, grad_norm=grad_norm, tokens=int(n_global), processed=processed * dp_size,
                       skipped=overflow or nonfinite, overflow=overflow, nonfinite=nonfinite,
-                      host_syncs=reads.count + forward_reads, lr=lr, extra=list(values[1:-1]))
+                      host_syncs=host_reads() - reads_before, lr=lr, extra=list(values[1:-1]))
