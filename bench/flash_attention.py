@@ -283,12 +283,16 @@ def build_provider(provider: str, q, k, v, causal: bool, doc_ids: torch.Tensor |
         return (lambda q, k, v: compiled(q, k, v, causal=causal, document_ids=doc_ids)), "inductor (of the reference)"
     from torch.nn.attention import SDPBackend, sdpa_kernel
     kw = {"enable_gqa": True} if gqa else {}
+    n_rep = q.shape[1] // k.shape[1]
     if doc_ids is not None:  # (B, 1, N, N) boolean, True = attend; built once, outside the timed call
         N = q.shape[2]
-        mask = reference.attention_mask(N, N, causal=causal, document_ids=doc_ids, device=q.device)
-        kw["attn_mask"] = mask
+        kw = {"attn_mask": reference.attention_mask(N, N, causal=causal, document_ids=doc_ids, device=q.device)}
 
     def sdpa(q, k, v):
+        if doc_ids is not None and n_rep > 1:
+            # With a mask, enable_gqa leaves only the math backend (fp32 scores of N x N per head, tens
+            # of GiB at 8k); k and v repeated keep the memory-efficient one, as the model's sdpa backend does.
+            k, v = reference.repeat_kv(k, n_rep), reference.repeat_kv(v, n_rep)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and doc_ids is None, **kw)
 
     def sdpa_flash(q, k, v):

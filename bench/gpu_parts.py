@@ -113,7 +113,7 @@ class Part:
 
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        self.record = {"part": self.name, "stage": self.stage, "status": "ok", "figures": [], "targets": [],
+        self.record = {"part": self.name, "stage": self.stage, "status": "running", "figures": [], "targets": [],
                        "tables": [], "skipped": [], "units": [], "notes": []}
         self.started = time.time()
 
@@ -143,6 +143,7 @@ class Part:
             entry["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
             self.record["status"] = "partial"
         entry["used_s"] = round(time.time() - t0, 1)
+        self.write()  # a part killed at its deadline keeps every unit that finished
 
     def skip(self, unit: str, reason: str) -> None:
         self.record["skipped"].append({"unit": unit, "reason": reason})
@@ -399,7 +400,13 @@ def attention_part(part: Part, out_root: Path) -> None:
         common = ["--tokens", str(ATTN_TOKENS), "--heads", str(ATTN_HEADS), "--dtypes", "bf16,fp16"]
         units = [("D=64 and fp16, N=1024..16384", ["--seqlens", "1024,2048,4096,8192,16384", "--head-dims", "64,128",
                                                    "--kv-heads", f"same,{ATTN_KV_HEADS}"], "attention-wide")]
-    rows: list[dict] = []
+    table: list[list] = []  # filled unit by unit: a part stopped at its deadline keeps what it measured
+    part.table("Flash attention (ours vs SDPA in the same run)",
+               ["N", "heads", "D", "dtype", "docs", "mode", "ours TFLOP/s", "SDPA TFLOP/s", "x SDPA", "% matmul", "status"],
+               table, [f"% matmul: of the {ceilings.get('dtype', '')} matmul rate measured in this run "
+                       f"({_fmt(matmul, '.1f')} TFLOP/s)",
+                       "documents: SDPA takes the document mask as a boolean mask (no flash backend); FLOPs count "
+                       "the unmasked work only"])
     for label, extra, key in units:
         with part.unit(f"attention {label}", key) as run:
             if not run:
@@ -408,8 +415,26 @@ def attention_part(part: Part, out_root: Path) -> None:
             argv = [*common, *extra, "--causal", "true", "--modes", "fwd,bwd,fwd+bwd", "--providers", providers,
                     *_device_args(part), *_timing_args(part), "--out", str(part.out), "--name", stem, "--no-plot"]
             _call(bench.main, argv)
-            rows += _results(part.out, stem)[1]
-    table = []
+            _attention_rows(part, _results(part.out, stem)[1], matmul, table)
+    if part.stage == "core" and not part.dry_run:
+        measured = {t["target"] for t in part.record["targets"]}
+        for n in (4096, 8192, 16384):
+            for kv in (ATTN_HEADS, ATTN_KV_HEADS):
+                for mode, bound in ATTN_TARGETS.items():
+                    name = _attention_target_name(mode, bound, n, ATTN_HEADS, kv, ATTN_HEAD_DIM)
+                    if name not in measured:
+                        part.target(name, "unmeasured", bound=bound, note="not run (budget, failure or kernel tests)")
+    if part.dry_run:
+        part.target("flash attention fwd >= 1.2x SDPA and bwd >= 1.0x SDPA (H100, D 128, 4k-16k, causal, bf16)",
+                    "unmeasured", note="dry run on a CPU: the timings are the interpreter's")
+
+
+def _attention_target_name(mode: str, bound: float, n: int, heads: int, kv_heads: int, head_dim: int) -> str:
+    return f"flash attention {mode} >= {bound}x SDPA (N={n}, H {heads}/{kv_heads}, D {head_dim}, causal, bf16)"
+
+
+def _attention_rows(part: Part, rows: list[dict], matmul: float | None, table: list) -> None:
+    """Figures, table rows and targets of one attention unit's rows (ours next to SDPA's)."""
     for r in rows:
         if r["provider"] != "triton":
             continue
@@ -428,27 +453,8 @@ def attention_part(part: Part, out_root: Path) -> None:
         bound = ATTN_TARGETS.get(r["mode"])
         if bound and not r["documents"] and r["head_dim"] == ATTN_HEAD_DIM and r["dtype"] == "bfloat16" \
                 and r["seqlen"] >= 4096:
-            name = (f"flash attention {r['mode']} >= {bound}x SDPA (N={r['seqlen']}, H {r['heads']}/{r['kv_heads']}, "
-                    f"D {r['head_dim']}, causal, bf16)")
+            name = _attention_target_name(r["mode"], bound, r["seqlen"], r["heads"], r["kv_heads"], r["head_dim"])
             _attention_target(part, name, r, bound)
-    if part.stage == "core" and not part.dry_run:
-        measured = {t["target"] for t in part.record["targets"]}
-        for n in (4096, 8192, 16384):
-            for kv in (ATTN_HEADS, ATTN_KV_HEADS):
-                for mode, bound in ATTN_TARGETS.items():
-                    name = (f"flash attention {mode} >= {bound}x SDPA (N={n}, H {ATTN_HEADS}/{kv}, D {ATTN_HEAD_DIM}, "
-                            "causal, bf16)")
-                    if name not in measured:
-                        part.target(name, "unmeasured", bound=bound, note="not run (budget, failure or kernel tests)")
-    if part.dry_run:
-        part.target("flash attention fwd >= 1.2x SDPA and bwd >= 1.0x SDPA (H100, D 128, 4k-16k, causal, bf16)",
-                    "unmeasured", note="dry run on a CPU: the timings are the interpreter's")
-    part.table("Flash attention (ours vs SDPA in the same run)",
-               ["N", "heads", "D", "dtype", "docs", "mode", "ours TFLOP/s", "SDPA TFLOP/s", "x SDPA", "% matmul", "status"],
-               table, [f"% matmul: of the {ceilings.get('dtype', '')} matmul rate measured in this run "
-                       f"({_fmt(matmul, '.1f')} TFLOP/s)",
-                       "documents: SDPA takes the document mask as a boolean mask (no flash backend); FLOPs count "
-                       "the unmasked work only"])
 
 
 def _attention_target(part: Part, name: str, row: dict, bound: float) -> None:
@@ -536,7 +542,8 @@ def _op_figures(part: Part, op: Any, rows: list[dict], kernel_ok: bool, ceilings
             part.target(t.label, "unmeasured", bound=t.bound, note="no triton row of this run applies")
         for r in hits if part.device.type == "cuda" and kernel_ok else []:
             verdict, note = t.verdict(r)
-            part.target(f"{t.label} ({r['mode']}, {r['size']})", "unmeasured" if verdict == "n/a" else verdict,
+            where = ", ".join(str(r[k]) for k in ("mode", "size", "variant", "weights") if r.get(k))
+            part.target(f"{t.label} ({where})", "unmeasured" if verdict == "n/a" else verdict,
                         r.get(t.field), t.bound, note)
 
 
@@ -570,7 +577,23 @@ def e2e_part(part: Part, out_root: Path) -> None:
         preset = E2E_PRESET
     args = tt.parse_args([*argv, *_device_args(part), "--out", str(part.out), "--no-plot"])
     device = args.device
-    rows = []
+    rows: list[dict] = []
+    table: list[list] = []  # filled row by row: a part stopped at its deadline keeps what it measured
+    big: list[list] = []
+    part.table("End to end: the trainer's training step",
+               ["attention", "fused", "batch", "tokens/s", "TFLOP/s", "MFU % (datasheet)", "MFU % (measured matmul)",
+                "peak MiB", "host syncs", "status"], table,
+               [f"datasheet: {ceilings.get('datasheet_note')} = {_fmt(sheet, '.1f')} TFLOP/s; measured matmul: "
+                f"{ceilings.get('matmul_note')} = {_fmt(matmul, '.1f')} TFLOP/s",
+                "FLOPs per token: Transformer.flops_per_token (6N + causal attention, recomputation not counted)"])
+    part.table("Largest batch that fits", ["attention", "fused", "batch", "method", "capped"], big)
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        _e2e_row(part, row, ceilings, table, big)
+        (part.out / "train_step.json").write_text(json.dumps({"argv": argv, "rows": rows}, indent=2, default=str)
+                                                  + "\n", encoding="utf-8")
+
     settings, max_batch = E2E_DRY if part.dry_run else (E2E_SETTINGS, E2E_MAX_BATCH)
     for backend, fused in settings:
         why = tt.skip_reason(backend, fused, device)
@@ -580,12 +603,12 @@ def e2e_part(part: Part, out_root: Path) -> None:
             if not run:
                 continue
             if why or broken:
-                rows.append(dict(kind="train", preset=preset, attn_backend=backend, fused=fused, checkpointing="off",
-                                 seq_len=args.seq_len, dtype=args.dtype, batch_size=args.batch_size, status="skipped",
-                                 reason=why or f"kernels that failed their tests: {', '.join(broken)}"))
+                keep(dict(kind="train", preset=preset, attn_backend=backend, fused=fused, checkpointing="off",
+                          seq_len=args.seq_len, dtype=args.dtype, batch_size=args.batch_size, status="skipped",
+                          reason=why or f"kernels that failed their tests: {', '.join(broken)}"))
                 continue
             try:
-                rows.append(tt.run_ours(args, device, preset, backend, fused, "off", sheet))
+                keep(tt.run_ours(args, device, preset, backend, fused, "off", sheet))
             finally:
                 gc.collect()
                 release(device)
@@ -602,46 +625,39 @@ def e2e_part(part: Part, out_root: Path) -> None:
                 gc.collect()
                 release(device)
             row["fused"] = fused
-            rows.append(row)
-    (part.out / "train_step.json").write_text(json.dumps({"argv": argv, "rows": rows}, indent=2, default=str) + "\n",
-                                              encoding="utf-8")
-    table = []
-    for r in rows:
-        settings = dict(preset=r["preset"], attention=r["attn_backend"], fused=r["fused"], seq_len=r["seq_len"],
-                        dtype=r["dtype"], batch=r.get("batch_size"))
-        if r["kind"] == "train":
-            mfu_measured = r["tflops"] / matmul if r.get("tflops") and matmul else None
-            part.figure("training step tokens/s", r.get("tokens_per_s"), "tokens/s", status=r["status"], **settings)
-            part.figure("training step TFLOP/s", r.get("tflops"), "TFLOP/s", ceiling=sheet,
-                        ceiling_name=ceilings.get("datasheet_note"), status=r["status"], mfu_datasheet=r.get("mfu"),
-                        mfu_measured_matmul=mfu_measured, host_syncs=r.get("host_syncs"), **settings)
-            part.figure("training step peak memory", r.get("peak_mem_mib"), "MiB", **settings)
-            table.append([r["attn_backend"], r["fused"], r.get("batch_size"), _fmt(r.get("tokens_per_s"), ",.0f"),
-                          _fmt(r.get("tflops"), ".1f"), _fmt(100 * r["mfu"] if r.get("mfu") else None, ".1f"),
-                          _fmt(100 * mfu_measured if mfu_measured else None, ".1f"),
-                          _fmt(r.get("peak_mem_mib"), ",.0f"), _fmt(r.get("host_syncs"), "d"),
-                          "" if r["status"] == "ok" else f"{r['status']}: {(r.get('reason') or r.get('error') or '')[:60]}"])
-            if r["status"] == "ok" and r.get("mfu_result") in ("PASS", "MISS"):
-                part.target(f"MFU >= {MFU_TARGET:.0%} of the datasheet peak ({r['preset']}, {r['attn_backend']} "
-                            f"attention, fused {r['fused']}, T {r['seq_len']}, bf16)", r["mfu_result"], r["mfu"],
-                            MFU_TARGET, f"{r['tflops']:.0f} TFLOP/s")
-        else:
-            part.figure("largest batch that fits", r.get("max_batch"), "sequences", method=r.get("max_batch_method"),
-                        capped=r.get("max_batch_capped"), **settings)
+            keep(row)
     if not any(t["target"].startswith("MFU") for t in part.record["targets"]):
         part.target(f"MFU >= {MFU_TARGET:.0%} of the datasheet peak ({E2E_PRESET}, T {E2E_SEQ}, bf16, on a GPU)",
                     "unmeasured", bound=MFU_TARGET,
                     note="not a GPU run" if device.type != "cuda" else "no row of this run measured it")
-    part.table("End to end: the trainer's training step",
-               ["attention", "fused", "batch", "tokens/s", "TFLOP/s", "MFU % (datasheet)", "MFU % (measured matmul)",
-                "peak MiB", "host syncs", "status"], table,
-               [f"datasheet: {ceilings.get('datasheet_note')} = {_fmt(sheet, '.1f')} TFLOP/s; measured matmul: "
-                f"{ceilings.get('matmul_note')} = {_fmt(matmul, '.1f')} TFLOP/s",
-                "FLOPs per token: Transformer.flops_per_token (6N + causal attention, recomputation not counted)"])
-    big = [[r["attn_backend"], r["fused"], r.get("max_batch"), r.get("max_batch_method"),
-            "yes" if r.get("max_batch_capped") else ""] for r in rows if r["kind"] != "train"]
-    if big:
-        part.table("Largest batch that fits", ["attention", "fused", "batch", "method", "capped"], big)
+
+
+def _e2e_row(part: Part, r: dict, ceilings: dict, table: list, big: list) -> None:
+    """Figures, table row and MFU target of one training-step or largest-batch row."""
+    sheet, matmul = ceilings.get("datasheet_tflops"), ceilings.get("matmul_tflops")
+    settings = dict(preset=r["preset"], attention=r["attn_backend"], fused=r["fused"], seq_len=r["seq_len"],
+                    dtype=r["dtype"], batch=r.get("batch_size"))
+    if r["kind"] != "train":
+        part.figure("largest batch that fits", r.get("max_batch"), "sequences", method=r.get("max_batch_method"),
+                    capped=r.get("max_batch_capped"), **settings)
+        big.append([r["attn_backend"], r["fused"], r.get("max_batch"), r.get("max_batch_method"),
+                    "yes" if r.get("max_batch_capped") else ""])
+        return
+    mfu_measured = r["tflops"] / matmul if r.get("tflops") and matmul else None
+    part.figure("training step tokens/s", r.get("tokens_per_s"), "tokens/s", status=r["status"], **settings)
+    part.figure("training step TFLOP/s", r.get("tflops"), "TFLOP/s", ceiling=sheet,
+                ceiling_name=ceilings.get("datasheet_note"), status=r["status"], mfu_datasheet=r.get("mfu"),
+                mfu_measured_matmul=mfu_measured, host_syncs=r.get("host_syncs"), **settings)
+    part.figure("training step peak memory", r.get("peak_mem_mib"), "MiB", **settings)
+    table.append([r["attn_backend"], r["fused"], r.get("batch_size"), _fmt(r.get("tokens_per_s"), ",.0f"),
+                  _fmt(r.get("tflops"), ".1f"), _fmt(100 * r["mfu"] if r.get("mfu") else None, ".1f"),
+                  _fmt(100 * mfu_measured if mfu_measured else None, ".1f"),
+                  _fmt(r.get("peak_mem_mib"), ",.0f"), _fmt(r.get("host_syncs"), "d"),
+                  "" if r["status"] == "ok" else f"{r['status']}: {(r.get('reason') or r.get('error') or '')[:60]}"])
+    if r["status"] == "ok" and r.get("mfu_result") in ("PASS", "MISS"):
+        part.target(f"MFU >= {MFU_TARGET:.0%} of the datasheet peak ({r['preset']}, {r['attn_backend']} "
+                    f"attention, fused {r['fused']}, T {r['seq_len']}, bf16)", r["mfu_result"], r["mfu"],
+                    MFU_TARGET, f"{r['tflops']:.0f} TFLOP/s")
 
 
 # ---------------------------------------------------------------------------- dispatch
@@ -664,5 +680,7 @@ def run_part(name: str, stage: str, out_root: Path, deadline: float, dry_run: bo
         traceback.print_exc()
         part.record["status"] = "failed"
         part.record["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
+    if part.record["status"] == "running":  # "running" in a record read later: killed at its deadline
+        part.record["status"] = "ok"
     part.write()
     return 0 if part.record["status"] != "failed" else 1

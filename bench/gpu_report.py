@@ -122,6 +122,16 @@ def _run_worker(name: str, stage: str, args: argparse.Namespace, deadline: float
     return rc, how
 
 
+def _status(record: dict | None, how: str) -> str:
+    """A part's status for the plan: its record's, "partial" for one killed at its deadline (its
+    record holds every unit that finished), "failed" without a record."""
+    if record is None:
+        return f"failed: wrote no record ({how})"
+    if record.get("status") == "running":
+        return f"partial ({how})"
+    return record["status"]
+
+
 def run_report(args: argparse.Namespace) -> int:
     from gpu_parts import read_part
 
@@ -153,8 +163,7 @@ def run_report(args: argparse.Namespace) -> int:
             t0 = time.time()
             rc, how = _run_worker(name, "core", args, t0 + allowed, log)
             rec = read_part(args.out, name)
-            entry.update(used_s=round(time.time() - t0, 1), returncode=rc, how=how,
-                         status=(rec or {}).get("status", "failed: wrote no record"))
+            entry.update(used_s=round(time.time() - t0, 1), returncode=rc, how=how, status=_status(rec, how))
             say(f"{name}: {entry['status']} in {entry['used_s']:.0f} s ({how})")
         if not args.dry_run and not args.no_widen:
             for name, need in wide_plan().items():
@@ -170,8 +179,7 @@ def run_report(args: argparse.Namespace) -> int:
                 t0 = time.time()
                 rc, how = _run_worker(name, "wide", args, t0 + allowed, log)
                 rec = read_part(args.out, f"{name}-wide")
-                entry.update(used_s=round(time.time() - t0, 1), returncode=rc, how=how,
-                             status=(rec or {}).get("status", "failed: wrote no record"))
+                entry.update(used_s=round(time.time() - t0, 1), returncode=rc, how=how, status=_status(rec, how))
                 say(f"{name} (wide): {entry['status']} in {entry['used_s']:.0f} s")
         results = collect(args, ledger, time.time() - start)
         path = args.out / "results.json"

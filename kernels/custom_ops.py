@@ -29,8 +29,11 @@ user functions and are what the model's ``"triton"`` implementations call.
 The two losses compute their gradients in the forward (the logits are never kept), so their
 forward ops return the unscaled gradient buffers and the reduction's scale as outputs; the
 backward multiplies them in place by grad_output (``scale_gradient``, declared as mutating its
-first argument), exactly as the eager autograd Functions do, and a second backward through one
-graph raises.
+first argument), exactly as the eager autograd Functions do, and in eager mode a second
+backward through one graph raises. Under ``torch.compile`` the compiled graph saves what its
+backward needs itself: a second backward with ``retain_graph=True`` then runs and gives the same
+gradients (seen with ``aot_eager`` and Inductor on a CPU), and whether the compiled backward
+keeps one (N, V) gradient buffer or copies it has not been measured on a GPU yet.
 
 Why opaque custom ops and not ``triton_op`` + ``wrap_triton``
 -----------------------------------------------------------
@@ -62,13 +65,15 @@ FLOP formulas
 Registered with ``torch.utils.flop_counter.register_flop_formula``, so ``FlopCounterMode`` counts
 the ops (it sees the op, not the kernels inside):
 
-* ``flash_attention_fwd``: 4 B H T_q T_k D (q k^T and p v), ``flash_attention_bwd``: 2.5x that
-  (q k^T recomputed, dO v^T, P^T dO, dS k, dS^T q). The full T_q x T_k rectangle is counted
-  whether or not the call is causal or document-masked: PyTorch's own formula for
-  ``scaled_dot_product_attention`` counts it that way (with an ``attn_mask`` too), and so does
-  ``Transformer.flops_per_token`` (useful work in the usual MFU convention, not the tiles the
-  kernel really visits), so the count does not change when the model switches between the
-  ``sdpa`` and ``triton`` backends. H is the query heads: GQA does not reduce the work.
+* ``flash_attention_fwd``: 4 B H D (q k^T and p v) per (query, key) pair counted;
+  ``flash_attention_bwd``: 2.5x that (q k^T recomputed, dO v^T, P^T dO, dS k, dS^T q). Without
+  a mask every pair of T_q x T_k counts, as in PyTorch's formula for
+  ``scaled_dot_product_attention``. Causal calls count only the pairs on and below the
+  bottom-right diagonal, T_q T_k - T_q^2 / 2 (T^2 / 2 when T_q = T_k), the convention of
+  ``Transformer.flops_per_token``: useful work, so MFU never credits the masked half (PyTorch's
+  sdpa formula does, so with ``sdpa`` selected the counter reports more). Document masks count
+  as causal over the whole row (the formula sees shapes, not ids). H is the query heads: GQA
+  does not reduce the work.
 * ``linear_cross_entropy_fwd``: 2 N C V for the logits, plus 2 N C V for dx when ``need_dx`` and
   2 N C V for dW when ``need_dw``: the gradient products run inside the forward op, so a training
   step's 6 N C V (2 forward + 4 backward, as for an unfused ``nn.Linear``) is all counted there.
@@ -545,12 +550,15 @@ def flash_attention_flops(q_shape, k_shape, causal: bool = False) -> int:
     counts T_q T_k - T_q^2 / 2 pairs: half of T^2 when T_q = T_k, the convention of
     ``Transformer.flops_per_token`` and of FlashAttention's benchmarks, so that MFU counts only
     the work a causal model needs (counting the masked half is how MFU figures above 100%
-    happen); all T_k for one decoding query. A document mask is counted as causal over the
+    happen); T_k - 1/2 for one decoding query; T_k^2 / 2 when T_q > T_k (the first T_q - T_k
+    queries see no key). A document mask is counted as causal over the
     whole row: the formula sees shapes, not the ids, so packed documents count the upper bound."""
     B, H, Tq, D = q_shape
     Tk = k_shape[2]
     if not causal:
         return 4 * B * H * Tq * Tk * D
+    if Tq > Tk:  # the first T_q - T_k queries see no key; the last T_k form a causal square
+        return 2 * B * H * D * Tk * Tk
     return 2 * B * H * D * (2 * Tq * Tk - Tq * Tq)  # 4 B H D (Tq Tk - Tq^2 / 2), an exact integer
 
 

@@ -137,11 +137,18 @@ def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype | str = 
             times.append(start.elapsed_time(end) / 1e3)
         how = "CUDA events"
     else:
+        # Other accelerators queue work like CUDA does: wait for each call, or the launch is timed.
+        backend = getattr(torch, device.type, None)
+        sync = getattr(backend, "synchronize", None) if device.type != "cpu" else None
         for _ in range(repeats):
+            if sync:
+                sync()
             t0 = time.perf_counter()
             torch.matmul(a, b, out=out)
+            if sync:
+                sync()
             times.append(time.perf_counter() - t0)
-        how = "wall clock"
+        how = "wall clock" + (f", torch.{device.type}.synchronize" if sync else "")
         if device.type == "cpu":
             how += f", {torch.get_num_threads()} threads"
     rate = 2 * n**3 / statistics.median(times)

@@ -181,7 +181,7 @@ def test_flop_counter_matches_flops_per_token_for_presets(preset):
 
     args = dataclasses.replace(ModelArgs.preset(preset), n_layers=2, validate_inputs=False, **ALL_TRITON)
     B, T = 2, 128
-    with FakeTensorMode():
+    with FakeTensorMode(), torch.device(DEVICE):  # CUDA with compiled kernels, the CPU under the interpreter
         model = Transformer(args)
         tokens = torch.randint(0, args.vocab_size, (B, T))
         targets = torch.randint(0, args.vocab_size, (B, T))

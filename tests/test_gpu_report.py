@@ -145,8 +145,17 @@ def test_a_unit_that_does_not_fit_is_skipped_with_its_reason(parts, tmp_path):
     assert "RuntimeError: a CUDA error, say" in part2.record["units"][0]["error"]
     with pytest.raises(ValueError, match="verdict"):
         part2.target("x", "OK")
+    # every finished unit is on disk at once, so a part killed at its deadline keeps it
+    on_disk = json.loads((tmp_path / "ops2" / "part.json").read_text())
+    assert [u["unit"] for u in on_disk["units"]] == ["fails"] and on_disk["status"] == "partial"
     path = part2.write()
     assert json.loads(path.read_text())["status"] == "partial"
+
+
+def test_a_part_killed_at_its_deadline_is_partial_not_lost(report):
+    assert report._status({"status": "running"}, "killed at its deadline") == "partial (killed at its deadline)"
+    assert report._status({"status": "ok"}, "finished") == "ok"
+    assert report._status(None, "killed at its deadline").startswith("failed: wrote no record")
 
 
 def test_junit_counts_per_kernel_file(parts, tmp_path):

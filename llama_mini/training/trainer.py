@@ -40,7 +40,7 @@ import torch
 from .. import ops
 from ..checkpoint import atomic_write_text
 from ..generation import generate
-from ..hardware import measure_matmul_flops, peak_flops, peak_memory
+from ..hardware import measure_matmul_flops, peak_flops, peak_memory, reset_peak_memory
 from ..model import Transformer
 from ..parallel import init_weights
 from .checkpointing import latest_checkpoint, load_checkpoint, read_trainer_state, resolve_resume, save_checkpoint
@@ -104,6 +104,14 @@ class Trainer:
         self.max_len = None if cfg.data.policy.startswith("naive-") else (cfg.data.max_len or args.max_seq_len)
         self.streams = TrainStreams(cfg.data, self.data.train, self.tokenizer, self.max_len, self.dist,
                                     cfg.schedule.grad_accum, args.ignore_index)
+
+        # The MFU ceiling measured on this device, before the model exists: its buffers (384 MiB at
+        # 8192^2 in bf16) are freed again and then lie below the training step's peak memory.
+        compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.run.precision]
+        on_cpu = self.dist.device.type == "cpu"
+        self._matmul = measure_matmul_flops(self.dist.device, compute_dtype, n=512 if on_cpu else None,
+                                            repeats=5 if on_cpu else 10)
+        reset_peak_memory(self.dist.device)
 
         # model: the same weights on every rank for a seed, whatever the layout
         torch.manual_seed(cfg.run.seed)
@@ -336,10 +344,8 @@ class Trainer:
         compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.run.precision]
         peak, peak_note = peak_flops(self.dist.device, compute_dtype)
         # MFU against two named ceilings: the card's datasheet peak (none on a CPU) and what one
-        # large matmul reaches on this device now (clocks, power limit, library build included).
-        on_cpu = self.dist.device.type == "cpu"
-        matmul, matmul_note = measure_matmul_flops(self.dist.device, compute_dtype, n=512 if on_cpu else None,
-                                                   repeats=5 if on_cpu else 10)
+        # large matmul reaches on this device (clocks, power limit, library build included).
+        matmul, matmul_note = self._matmul
         ceilings = {"peak": peak, "peak_note": peak_note, "matmul": matmul, "matmul_note": matmul_note}
         flops_per_token = self.model.flops_per_token(seq_len)
         n_params = self.model.num_params()
@@ -394,7 +400,8 @@ class Trainer:
                 self._signal_said = True
                 self.say(f"{self._signal_name or 'a signal on another rank'}: saving a checkpoint at the end of "
                          "this step, then stopping (Ctrl-C again to abort)")
-            self.history["host_syncs"] = out["host_syncs"]  # the same every step of a run
+            self.history["host_syncs"] = out["host_syncs"]  # the last step's (a micro-batch with no counted
+            # target runs no forward and makes fewer reads; every record logs its own step's count)
             interval_losses.append(out["loss"])
             self.history.setdefault("loss_first", out["loss"])
             self.history["loss_last"] = out["loss"]
