@@ -123,12 +123,12 @@ def test_packed_docmask_batches_give_the_same_loss_and_gradients_on_every_attent
     """A real packed-docmask batch through the model: eager and sdpa build the block-diagonal
     causal mask, triton skips and masks tiles in the kernel; losses and every parameter's
     gradient agree (fp32; tolerances as in test_model's backend comparison)."""
-    import llama_mini.kernels.flash_attention as fa
     from llama_mini import Transformer
+    from llama_mini.kernels import custom_ops
 
-    kernel_calls = []
-    real = fa.flash_attention
-    monkeypatch.setattr(fa, "flash_attention", lambda *a, **kw: kernel_calls.append(kw) or real(*a, **kw))
+    kernel_calls = []  # the triton backend calls the kernel through its custom op
+    real = custom_ops.flash_attention
+    monkeypatch.setattr(custom_ops, "flash_attention", lambda *a, **kw: kernel_calls.append(kw) or real(*a, **kw))
     tok = trained_tokenizer
     pipe = DataPipeline.build(shards, tok, policy="packed-docmask", max_len=32, batch_size=2,
                               policy_options={"buffer_size": 8})
