@@ -74,6 +74,7 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_rows",
     "check_targets",
+    "prepare_rows",
     "scale_",
     "CrossEntropyFunction",
     "block_config",
@@ -277,6 +278,26 @@ def cross_entropy_rows(
     return _launch(logits, targets, ignore_index, grad_scale, grad)
 
 
+def prepare_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int):
+    """Validate logits (..., V) and targets (...), flatten them to rows and check every target
+    (one host read). Returns (flat (N, V), flat_targets (N,), n_counted).
+
+    Logits whose last dim is strided are copied once (the kernel reads rows as contiguous
+    chunks); the reshape is a view when the leading dims flatten to one row stride, as a linear
+    layer's (B, T, V) always does, and a copy otherwise."""
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"cross_entropy: logits must be (..., V) with V >= 1, got {tuple(logits.shape)}")
+    V = logits.shape[-1]
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets must have logits' leading shape {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    if logits.stride(-1) != 1 and V > 1:
+        logits = logits.contiguous()
+    flat, flat_targets = logits.reshape(-1, V), targets.reshape(-1)
+    _validate_rows(flat, flat_targets, None)
+    return flat, flat_targets, check_targets(flat_targets, V, ignore_index)
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd and the user-facing function
 # --------------------------------------------------------------------------------------------
@@ -292,20 +313,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, needs_grad):
-        if logits.dim() < 1 or logits.shape[-1] < 1:
-            raise ValueError(f"cross_entropy: logits must be (..., V) with V >= 1, got {tuple(logits.shape)}")
-        V = logits.shape[-1]
-        if targets.shape != logits.shape[:-1]:
-            raise ValueError(f"cross_entropy: targets must have logits' leading shape {tuple(logits.shape[:-1])}, "
-                             f"got {tuple(targets.shape)}")
-        if logits.stride(-1) != 1 and V > 1:
-            logits = logits.contiguous()  # the kernel reads rows as contiguous chunks: one copy
-        # A view when the leading dims flatten to one row stride (always for the usual
-        # (B, T, V) from a linear layer); otherwise reshape copies.
-        flat = logits.reshape(-1, V)
-        flat_targets = targets.reshape(-1)
-        _validate_rows(flat, flat_targets, None)
-        n_counted = check_targets(flat_targets, V, ignore_index)
+        flat, flat_targets, n_counted = prepare_rows(logits, targets, ignore_index)
         scale = 1.0 if reduction == "sum" else 1.0 / max(n_counted, 1)
         # Not in place: the caller may still use its logits. Contiguous, so the backward can
         # scale it as one flat run and view it back as logits' shape. The buffer holds the

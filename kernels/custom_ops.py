@@ -416,22 +416,12 @@ class _UsedOnce:
 def cross_entropy_fwd(logits: Tensor, targets: Tensor, ignore_index: int, reduction: str,
                       needs_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     from .common import empty
-    from .cross_entropy import _validate_rows, check_targets, cross_entropy_rows
+    from .cross_entropy import cross_entropy_rows, prepare_rows
 
     if reduction not in ("mean", "sum"):
         raise ValueError(f"cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"cross_entropy: logits must be (..., V) with V >= 1, got {tuple(logits.shape)}")
-    V = logits.shape[-1]
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"cross_entropy: targets must have logits' leading shape {tuple(logits.shape[:-1])}, "
-                         f"got {tuple(targets.shape)}")
-    if logits.stride(-1) != 1 and V > 1:
-        logits = logits.contiguous()  # the kernel reads rows as contiguous chunks: one copy
-    # A view when the leading dims flatten to one row stride (a linear layer's (B, T, V) does).
-    flat, flat_targets = logits.reshape(-1, V), targets.reshape(-1)
-    _validate_rows(flat, flat_targets, None)
-    n_counted = check_targets(flat_targets, V, ignore_index)  # every target checked: one host read
+    flat, flat_targets, n_counted = prepare_rows(logits, targets, ignore_index)  # one host read
+    V = flat.shape[1]
     scale = 1.0 if reduction == "sum" else 1.0 / max(n_counted, 1)
     # The unscaled softmax - onehot, contiguous (the backward scales it as one flat run).
     grad = empty(*flat.shape, dtype=flat.dtype, device=flat.device) if needs_grad else flat.new_empty(0, V)
