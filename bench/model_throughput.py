@@ -444,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             f"train: fp32 weights/grads, forward under torch.autocast({device.type}, {args.dtype}); "
             f"inference: model and KV cache cast to {args.dtype}"
         ),
-        "flops": "model.flops_per_token(seq_len): 6*N_matmul + 12*n_layers*dim*seq_len per trained token; "
+        "flops": "model.flops_per_token(seq_len): 6*N_matmul + 6*n_layers*dim*seq_len per trained token (causal "
+                 "attention counted as half); "
                  "activation-checkpointing recompute not counted",
         "peak_tflops": ceiling,
         "peak_tflops_source": ceiling_src,

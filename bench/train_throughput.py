@@ -29,9 +29,11 @@ checkpointing  ``ModelArgs.activation_checkpointing``.
 
 Figures per row: ms/step (median and min of the timed steps; at least ``--steps``, more when
 ``--min-time`` asks), tokens/s = batch * seq_len / median, achieved TFLOP/s = tokens/s *
-``model.flops_per_token(seq_len)`` (6N + attention, recomputation under checkpointing not
-counted: the usual MFU convention), MFU = TFLOP/s over the device's dense peak
-(``common.peak_tflops`` or ``--peak-tflops``; none on CPU), peak memory
+``model.flops_per_token(seq_len)`` (6N + causal attention counted as half, recomputation under
+checkpointing not counted: the usual MFU convention), MFU = TFLOP/s over the device's dense
+datasheet peak (``common.peak_tflops`` or ``--peak-tflops``; none on CPU) and ``mfu_matmul`` =
+TFLOP/s over the rate of one large matmul in the step's dtype measured at the start of the run
+(``llama_mini.hardware.measure_matmul_flops``; 8192^3 on CUDA, 512^3 on CPU), both shown, peak memory
 (``torch.cuda.max_memory_allocated`` over one step after warmup; null on CPU, with the reason),
 parameter count, the attention backend actually used, the op resolutions, and ``host_syncs``: the
 device-to-host reads the step made (``StepResult.host_syncs``: two of the step's own, plus our
@@ -103,6 +105,7 @@ from common import (
     parse_overrides, pyplot, release, resolve_device, result_paths, results_dir, start_device, synchronizer, Timer,
     utc_now_iso, utc_stamp, versions, warn_if_cpu_busy, write_csv, write_json,
 )
+from llama_mini.hardware import measure_matmul_flops
 from llama_mini import PRESETS, ModelArgs, Transformer, attention_backends, attention_fallbacks, resolutions
 from llama_mini import ops as llama_ops
 from llama_mini.training.config import OptimConfig
@@ -125,7 +128,7 @@ MAX_TIMED = 200
 CSV_FIELDS = [
     "kind", "preset", "attn_backend", "attn_used", "fused", "checkpointing", "batch_size", "seq_len", "dtype",
     "status", "reason", "median_ms", "min_ms", "n_timed", "timer", "tokens_per_s", "flops_per_token", "tflops",
-    "peak_tflops", "mfu", "mfu_result", "peak_mem_mib", "peak_mem_note", "n_params", "op_resolutions", "loss",
+    "peak_tflops", "mfu", "mfu_matmul", "mfu_result", "peak_mem_mib", "peak_mem_note", "n_params", "op_resolutions", "loss",
     "max_batch", "max_batch_capped", "max_batch_method", "memory_budget_gib", "persistent_mib", "fixed_mib",
     "per_sample_mib", "probe", "host_syncs", "error",
 ]
@@ -723,7 +726,8 @@ def train_table(rows: list[dict]) -> str:
     cols = [("preset", "preset", ""), ("backend", "attn_backend", ""), ("fused", "fused", ""),
             ("ckpt", "checkpointing", ""), ("B", "batch_size", "d"), ("T", "seq_len", "d"),
             ("median ms", "median_ms", ",.1f"), ("min ms", "min_ms", ",.1f"), ("tokens/s", "tokens_per_s", ",.0f"),
-            ("TFLOP/s", "tflops", ".3g"), ("MFU", "mfu", ".1%"), ("target", "mfu_result", ""),
+            ("TFLOP/s", "tflops", ".3g"), ("MFU", "mfu", ".1%"), ("MFU mm", "mfu_matmul", ".1%"),
+            ("target", "mfu_result", ""),
             ("peak MiB", "peak_mem_mib", ",.0f"), ("params", "n_params", ",d"), ("syncs", "host_syncs", "d")]
     body, notes = [], []
     for r in rows:
@@ -825,6 +829,10 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_cpu_busy(env)
     ceiling, ceiling_src = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else \
         peak_tflops(env.get("device_name", ""), args.dtype, device)
+    # The second MFU ceiling: what one large matmul in the step's dtype reaches here, now.
+    matmul, matmul_note = measure_matmul_flops(device, DTYPES[args.dtype], n=None if device.type == "cuda" else 512)
+    print(f"MFU ceilings: datasheet {fmt(ceiling, '.1f')} TFLOP/s ({ceiling_src}); measured matmul "
+          f"{matmul / 1e12:.3g} TFLOP/s ({matmul_note})", flush=True)
     timer = Timer(device, args.timer, warmup=args.warmup, repeats=args.steps, warmup_ms=args.warmup_ms,
                   rep_ms=args.rep_ms)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "override", "device", "compare")}
@@ -873,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
                         status="oom" if oom else "failed", batch_size=args.batch_size,
                         **{"reason" if oom else "error": msg})]
         for r in new:
+            if r.get("tflops"):
+                r["mfu_matmul"] = r["tflops"] * 1e12 / matmul
             rows.append(r)
             _progress(len(rows), n_rows, r)
         release(device)
@@ -899,9 +909,10 @@ def main(argv: list[str] | None = None) -> int:
         "host_syncs": "device-to-host reads per step (train_step's count): 2 of the step's own (the target count, "
                       "then loss and gradient norm in one read) plus, for our model, its input range checks "
                       "(ModelArgs.validate_inputs: tokens and targets)",
-        "flops": "model.flops_per_token(seq_len): 6*N_matmul + 12*n_layers*dim*seq_len per trained token; "
-                 "activation-checkpointing recompute not counted",
-        "peak_tflops": ceiling, "peak_tflops_source": ceiling_src, "config": config, "presets": presets_meta,
+        "flops": "model.flops_per_token(seq_len): 6*N_matmul + 6*n_layers*dim*seq_len per trained token (causal "
+                 "attention counted as half); activation-checkpointing recompute not counted",
+        "peak_tflops": ceiling, "peak_tflops_source": ceiling_src, "matmul_tflops": matmul / 1e12,
+        "matmul_note": matmul_note, "config": config, "presets": presets_meta,
         "comparison": comparisons,
         "comparison_rule": f"ours (sdpa, fused off, no checkpointing) tokens/s / plain-pytorch tokens/s >= "
                            f"{RATIO_THRESHOLD}: PASS ('not slower', allowing 3% timing noise); timed interleaved",

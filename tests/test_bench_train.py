@@ -60,6 +60,8 @@ def test_quick_run_writes_results(tmp_path):
         assert r["n_params"] == count_params(ModelArgs.preset("debug"))
         assert abs(r["loss"] - math.log(512)) < 0.2  # a fresh model predicts ~uniformly over 512 tokens
         assert r["mfu"] is None  # no CPU peak
+        # the other ceiling: the matmul rate measured at the start of the same run
+        assert r["mfu_matmul"] == pytest.approx(r["tflops"] / meta["matmul_tflops"]) and "matmul" in meta["matmul_note"]
         if r["attn_backend"] != "plain-pytorch":
             assert r["op_resolutions"] and "?" not in r["op_resolutions"]
         # the step's two reads, plus our model's range checks of tokens and targets, plus the fused
