@@ -166,14 +166,22 @@ def global_grad_norm(named_params: Iterable[tuple[str, nn.Parameter]], mp_group=
 
 
 def clip_grad_norm_(named_params: Iterable[tuple[str, nn.Parameter]], max_norm: float, mp_group=None) -> torch.Tensor:
-    """Scale all gradients so the global norm is at most ``max_norm`` (no-op if ``max_norm <= 0``
-    or the norm is inf/nan); return the norm before clipping."""
+    """Scale all gradients by min(1, max_norm / (norm + 1e-6)) so the global norm is at most
+    ``max_norm`` (no-op if ``max_norm <= 0``; gradients are left as they are where the norm is
+    inf/nan); return the norm before clipping.
+
+    Decided on the device, without reading the norm on the host: a training step reads it once
+    later, together with the loss (``training.step``)."""
     named = [(n, p) for n, p in named_params]
     norm = global_grad_norm(named, mp_group=mp_group)
-    if max_norm <= 0 or not bool(torch.isfinite(norm)):
+    if max_norm <= 0:
         return norm
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
     for _, p in named:
         if p.grad is not None:
-            p.grad.detach().mul_(coef.to(p.grad.device, p.grad.dtype))
+            by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad.detach())
+    for (device, dtype), grads in by_kind.items():
+        torch._foreach_mul_(grads, coef.to(device, dtype))
     return norm

@@ -44,9 +44,9 @@ reads per step whatever the number of micro-batches:
           take the optimizer step (finite loss and norm) is decided on the host from it, so it
           must come before ``optimizer.step()``.
 
-Clipping multiplies by ``torch.where(isfinite(norm), min(1, clip / (norm + 1e-6)), 1)`` on the
-device instead of testing the norm on the host first (``optim.clip_grad_norm_`` does that: one
-read more); the numbers are the same. The forward reads values too, and they are counted: a
+Clipping (``optim.clip_grad_norm_``) multiplies by
+``torch.where(isfinite(norm), min(1, clip / (norm + 1e-6)), 1)`` on the device instead of testing
+the norm on the host first, which cost one read more. The forward reads values too, and they are counted: a
 ``Transformer`` with ``ModelArgs.validate_inputs`` range-checks its id tensors, one read per
 tensor given (``input_ids``, ``target_ids``, ``position_ids``; skipped under ``torch.compile``);
 the Triton cross-entropy and linear + cross-entropy check their targets (one read per call),
@@ -69,7 +69,7 @@ import torch.nn as nn
 
 from ..kernels.common import host_read, host_reads
 from .distributed import all_reduce
-from .optim import global_grad_norm, set_lr
+from .optim import clip_grad_norm_, set_lr
 from .precision import LossScaler
 
 __all__ = ["StepResult", "EmptyBatchError", "train_step", "all_reduce_grads", "MIN_HOST_SYNCS"]
@@ -128,18 +128,6 @@ def all_reduce_grads(model: nn.Module, group=None) -> None:
             for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 dst.copy_(src)
         bucket, size = ([g], g.numel()) if g is not None else ([], 0)
-
-
-def _clip_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
-    """grads *= min(1, max_norm / (norm + 1e-6)), or 1 where the norm is not finite: what
-    ``optim.clip_grad_norm_`` does, decided on the device instead of on the host."""
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
-    by_kind: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        by_kind.setdefault((g.device, g.dtype), []).append(g.detach())
-    for (device, dtype), gs in by_kind.items():
-        torch._foreach_mul_(gs, coef.to(device, dtype))
 
 
 def train_step(
@@ -230,9 +218,7 @@ def train_step(
         for _, p in params:
             if p.grad is not None:
                 p.grad.div_(scaler.scale)
-    norm = global_grad_norm(params, mp_group=mp_group)
-    if grad_clip > 0:
-        _clip_([p.grad for _, p in params if p.grad is not None], norm, grad_clip)
+    norm = clip_grad_norm_(params, grad_clip, mp_group=mp_group)  # on the device: no host read
 
     # read 2: one all-reduce over the world (the loss is the same on model-parallel ranks; the
     # extras are the caller's, e.g. stop flags every rank must agree on), then one transfer
