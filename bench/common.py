@@ -23,7 +23,8 @@ memory        ``peak_memory(fn, device)``: ``torch.cuda.max_memory_allocated`` M
 ceilings      ``PEAK_TFLOPS`` (NVIDIA datasheet dense peaks, owned by ``llama_mini.hardware``)
               and ``peak_tflops`` (look-up by device name and dtype, tf32 aware).
 output        ``results_dir(script)`` (``bench/results/<script>/``), ``result_paths``, ``fmt`` and
-              ``format_table`` (aligned text tables), ``write_json`` and ``write_csv`` (metadata as
+              ``format_table`` (aligned text tables), ``markdown_table`` (GitHub Markdown),
+              ``write_json`` and ``write_csv`` (metadata as
               leading ``# key: value`` lines), ``HelpFormatter`` for argparse, ``DTYPES``.
 """
 
@@ -419,6 +420,15 @@ def format_table(header: Sequence[str], body: Iterable[Sequence[str]], n_left: i
              for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines + list(notes))
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[bool] | None = None) -> str:
+    """A GitHub Markdown table; ``right[i]`` right-aligns column i (default: all but the first)."""
+    right = list(right) if right is not None else [i > 0 for i in range(len(header))]
+    rule = ["---:" if r else "---" for r in right]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join("-" if c is None else str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:

@@ -42,7 +42,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from common import add_device_arguments, environment, pyplot, utc_now_iso, versions, write_csv, write_json
+from common import (add_device_arguments, environment, markdown_table, pyplot, utc_now_iso, versions, write_csv,
+                    write_json)
 
 from llama_mini.data import PileReader, Tokenizer, build_policy
 from llama_mini.data.tokenized import tokenize_document
@@ -295,15 +296,6 @@ def fit(model: Transformer, batches: Iterable[dict], cfg: FitConfig, *, max_step
 
 
 # ---- report ---------------------------------------------------------------------------------
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[bool] | None = None) -> str:
-    """A GitHub Markdown table; ``right[i]`` right-aligns column i (default: all but the first)."""
-    right = list(right) if right is not None else [i > 0 for i in range(len(header))]
-    rule = ["---:" if r else "---" for r in right]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
-    lines += ["| " + " | ".join("-" if c is None else str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
 
 def plot_curves(path: Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *,
                 xlabel: str | Sequence[str], ylabel: str, title: str = "", logx: bool = False, ncols: int = 2) -> bool:

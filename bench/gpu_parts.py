@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from common import fmt
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 TESTS_DIR = ROOT / "tests"
@@ -370,10 +372,6 @@ def _junit_counts(path: Path) -> dict[str, dict[str, int]]:
 
 
 # ---------------------------------------------------------------------------- 3. flash attention
-def _fmt(x: Any, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def attention_part(part: Part, out_root: Path) -> None:
     """Ours against SDPA, forward, backward and both, at 16k tokens per batch: lengths 4k, 8k and
     16k with MHA and GQA, and one document-masked case (wide: head dim 64, fp16, short lengths)."""
@@ -404,7 +402,7 @@ def attention_part(part: Part, out_root: Path) -> None:
     part.table("Flash attention (ours vs SDPA in the same run)",
                ["N", "heads", "D", "dtype", "docs", "mode", "ours TFLOP/s", "SDPA TFLOP/s", "x SDPA", "% matmul", "status"],
                table, [f"% matmul: of the {ceilings.get('dtype', '')} matmul rate measured in this run "
-                       f"({_fmt(matmul, '.1f')} TFLOP/s)",
+                       f"({fmt(matmul, '.1f')} TFLOP/s)",
                        "documents: SDPA takes the document mask as a boolean mask (no flash backend); FLOPs count "
                        "the unmasked work only"])
     for label, extra, key in units:
@@ -447,8 +445,8 @@ def _attention_rows(part: Part, rows: list[dict], matmul: float | None, table: l
                     ceiling_name="measured matmul rate", status=r["status"], vs_sdpa=r["vs_sdpa"],
                     sdpa_tflops=sdpa and sdpa["tflops"], sdpa_backend=sdpa and sdpa["backend"], **shape)
         table.append([r["seqlen"], f"{r['heads']}/{r['kv_heads']}", r["head_dim"], r["dtype"], r["documents"] or "-",
-                      r["mode"], _fmt(r["tflops"], ".1f"), _fmt(sdpa and sdpa["tflops"], ".1f"),
-                      _fmt(r["vs_sdpa"], ".2f"), _fmt(100 * r["tflops"] / matmul if r["tflops"] and matmul else None,
+                      r["mode"], fmt(r["tflops"], ".1f"), fmt(sdpa and sdpa["tflops"], ".1f"),
+                      fmt(r["vs_sdpa"], ".2f"), fmt(100 * r["tflops"] / matmul if r["tflops"] and matmul else None,
                                                     ".0f"), r["status"] if r["status"] != "ok" else ""])
         bound = ATTN_TARGETS.get(r["mode"])
         if bound and not r["documents"] and r["head_dim"] == ATTN_HEAD_DIM and r["dtype"] == "bfloat16" \
@@ -527,10 +525,10 @@ def _op_figures(part: Part, op: Any, rows: list[dict], kernel_ok: bool, ceilings
             part.figure(f"{op.name} peak memory", r["peak_mem_mib"], "MiB", status=r["status"],
                         mem_vs_eager=r["mem_vs_eager"], **settings)
         label = r["size"] + "".join(f" {r[k]}" for k in ("variant", "weights") if r.get(k))
-        table.append([op.name, label, r["mode"], _fmt(r["median_ms"], ".3f"), _fmt(r["gbps"], ".0f"),
-                      _fmt(r["pct_of_copy"], ".0f"), _fmt(r["tflops"], ".1f") if not op.memory_bound else "-",
-                      _fmt(r["speedup_vs_eager"], ".2f"), _fmt(vs_compile, ".2f"), _fmt(r["peak_mem_mib"], ",.0f"),
-                      _fmt(r["mem_vs_eager"], ".2f"), "" if r["status"] == "ok" else f"{r['status']}: "
+        table.append([op.name, label, r["mode"], fmt(r["median_ms"], ".3f"), fmt(r["gbps"], ".0f"),
+                      fmt(r["pct_of_copy"], ".0f"), fmt(r["tflops"], ".1f") if not op.memory_bound else "-",
+                      fmt(r["speedup_vs_eager"], ".2f"), fmt(vs_compile, ".2f"), fmt(r["peak_mem_mib"], ",.0f"),
+                      fmt(r["mem_vs_eager"], ".2f"), "" if r["status"] == "ok" else f"{r['status']}: "
                       f"{(r['reason'] or r['error'] or '')[:60]}"])
     for t in op.targets:
         hits = [r for r in rows if t.applies(r)]
@@ -583,8 +581,8 @@ def e2e_part(part: Part, out_root: Path) -> None:
     part.table("End to end: the trainer's training step",
                ["attention", "fused", "batch", "tokens/s", "TFLOP/s", "MFU % (datasheet)", "MFU % (measured matmul)",
                 "peak MiB", "host syncs", "status"], table,
-               [f"datasheet: {ceilings.get('datasheet_note')} = {_fmt(sheet, '.1f')} TFLOP/s; measured matmul: "
-                f"{ceilings.get('matmul_note')} = {_fmt(matmul, '.1f')} TFLOP/s",
+               [f"datasheet: {ceilings.get('datasheet_note')} = {fmt(sheet, '.1f')} TFLOP/s; measured matmul: "
+                f"{ceilings.get('matmul_note')} = {fmt(matmul, '.1f')} TFLOP/s",
                 "FLOPs per token: Transformer.flops_per_token (6N + causal attention, recomputation not counted)"])
     part.table("Largest batch that fits", ["attention", "fused", "batch", "method", "capped"], big)
 
@@ -649,10 +647,10 @@ def _e2e_row(part: Part, r: dict, ceilings: dict, table: list, big: list) -> Non
                 ceiling_name=ceilings.get("datasheet_note"), status=r["status"], mfu_datasheet=r.get("mfu"),
                 mfu_measured_matmul=mfu_measured, host_syncs=r.get("host_syncs"), **settings)
     part.figure("training step peak memory", r.get("peak_mem_mib"), "MiB", **settings)
-    table.append([r["attn_backend"], r["fused"], r.get("batch_size"), _fmt(r.get("tokens_per_s"), ",.0f"),
-                  _fmt(r.get("tflops"), ".1f"), _fmt(100 * r["mfu"] if r.get("mfu") else None, ".1f"),
-                  _fmt(100 * mfu_measured if mfu_measured else None, ".1f"),
-                  _fmt(r.get("peak_mem_mib"), ",.0f"), _fmt(r.get("host_syncs"), "d"),
+    table.append([r["attn_backend"], r["fused"], r.get("batch_size"), fmt(r.get("tokens_per_s"), ",.0f"),
+                  fmt(r.get("tflops"), ".1f"), fmt(100 * r["mfu"] if r.get("mfu") else None, ".1f"),
+                  fmt(100 * mfu_measured if mfu_measured else None, ".1f"),
+                  fmt(r.get("peak_mem_mib"), ",.0f"), fmt(r.get("host_syncs"), "d"),
                   "" if r["status"] == "ok" else f"{r['status']}: {(r.get('reason') or r.get('error') or '')[:60]}"])
     if r["status"] == "ok" and r.get("mfu_result") in ("PASS", "MISS"):
         part.target(f"MFU >= {MFU_TARGET:.0%} of the datasheet peak ({r['preset']}, {r['attn_backend']} "

@@ -232,9 +232,9 @@ def _cell(x: Any) -> str:
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
+    from common import markdown_table
+
+    return markdown_table(header, [[_cell(c) for c in row] for row in rows]).splitlines()
 
 
 def render(results: dict[str, Any] | None) -> str:

@@ -830,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling, ceiling_src = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else \
         peak_tflops(env.get("device_name", ""), args.dtype, device)
     # The second MFU ceiling: what one large matmul in the step's dtype reaches here, now.
-    matmul, matmul_note = measure_matmul_flops(device, DTYPES[args.dtype], n=None if device.type == "cuda" else 512)
+    matmul, matmul_note = measure_matmul_flops(device, DTYPES[args.dtype])
     print(f"MFU ceilings: datasheet {fmt(ceiling, '.1f')} TFLOP/s ({ceiling_src}); measured matmul "
           f"{matmul / 1e12:.3g} TFLOP/s ({matmul_note})", flush=True)
     timer = Timer(device, args.timer, warmup=args.warmup, repeats=args.steps, warmup_ms=args.warmup_ms,

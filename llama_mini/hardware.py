@@ -96,8 +96,9 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype | str) -> tuple[fl
 
 
 # Matrix size of the measured matmul rate: 8192^3 on a GPU (1.1 TFLOP, a few ms on an H100: large
-# enough to reach the tensor cores' steady state), 1024^3 on a CPU (2.1 GFLOP, tens of ms).
-MATMUL_N = {"cuda": 8192, "cpu": 1024}
+# enough to reach the tensor cores' steady state), 512^3 on a CPU (0.27 GFLOP, a few ms on two
+# cores: cheap enough for every trainer start-up).
+MATMUL_N = {"cuda": 8192, "cpu": 512}
 
 
 def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype | str = torch.bfloat16, n: int | None = None,
@@ -108,7 +109,7 @@ def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype | str = 
     MFU against it says how close a training step comes to what a single large matmul reaches
     here and now (clocks, power limit and cuBLAS included). 2 n^3 FLOPs per call; the median of
     ``repeats`` calls after three warm-up calls, timed with CUDA events on a GPU and the wall
-    clock elsewhere. ``n`` defaults to ``MATMUL_N`` (8192 on CUDA, 1024 on CPU). float32 honours
+    clock elsewhere. ``n`` defaults to ``MATMUL_N`` (8192 on CUDA, 512 on CPU). float32 honours
     ``torch.backends.cuda.matmul.allow_tf32`` as every float32 matmul does.
     """
     import statistics
@@ -116,7 +117,7 @@ def measure_matmul_flops(device: torch.device | str, dtype: torch.dtype | str = 
 
     device = torch.device(device)
     dtype = getattr(torch, _dtype_name(dtype)) if isinstance(dtype, str) else dtype
-    n = n or MATMUL_N.get(device.type, 1024)
+    n = n or MATMUL_N.get(device.type, MATMUL_N["cpu"])
     if n < 1 or repeats < 1:
         raise ValueError(f"measure_matmul_flops: n and repeats must be positive, got n={n}, repeats={repeats}")
     gen = torch.Generator(device="cpu").manual_seed(0)

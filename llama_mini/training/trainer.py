@@ -107,10 +107,9 @@ class Trainer:
 
         # The MFU ceiling measured on this device, before the model exists: its buffers (384 MiB at
         # 8192^2 in bf16) are freed again and then lie below the training step's peak memory.
-        compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.run.precision]
-        on_cpu = self.dist.device.type == "cpu"
-        self._matmul = measure_matmul_flops(self.dist.device, compute_dtype, n=512 if on_cpu else None,
-                                            repeats=5 if on_cpu else 10)
+        self.compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                              "fp16": torch.float16}[cfg.run.precision]
+        self._matmul = measure_matmul_flops(self.dist.device, self.compute_dtype)
         reset_peak_memory(self.dist.device)
 
         # model: the same weights on every rank for a seed, whatever the layout
@@ -341,8 +340,7 @@ class Trainer:
     def _run(self, logger: MetricsLogger, resumed: bool) -> dict[str, Any]:
         cfg, args = self.cfg, self.model.args
         seq_len = self.max_len or args.max_seq_len
-        compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.run.precision]
-        peak, peak_note = peak_flops(self.dist.device, compute_dtype)
+        peak, peak_note = peak_flops(self.dist.device, self.compute_dtype)
         # MFU against two named ceilings: the card's datasheet peak (none on a CPU) and what one
         # large matmul reaches on this device (clocks, power limit, library build included).
         matmul, matmul_note = self._matmul
