@@ -33,7 +33,7 @@ dtype:
   so the gradient may overwrite the logits in place (``grad=logits``). Ignored rows skip the
   second read and write zeros.
 
-No (N, V) temporary is made besides the gradient buffer itself. The autograd function computes
+No (N, V) temporary is made besides the gradient buffer itself. The custom op (``custom_ops``) computes
 the gradient in the forward launch (when autograd will need it), unscaled (softmax - onehot,
 entries in [-1, 1]), and its backward multiplies that buffer by grad_output / n (the reduction's
 scale, formed in fp32), in place, with a small elementwise kernel (``_scale_inplace``) that reads
@@ -76,7 +76,6 @@ __all__ = [
     "check_targets",
     "prepare_rows",
     "scale_",
-    "CrossEntropyFunction",
     "block_config",
     "aot_specs",
     "MAX_BLOCK_V",
@@ -303,49 +302,6 @@ def prepare_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int)
 # --------------------------------------------------------------------------------------------
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """loss = f(logits, targets): a scalar fp32 cross-entropy, differentiable in logits.
-
-    The gradient is computed in the forward launch (``needs_grad``) into a buffer of logits'
-    dtype, unscaled; backward multiplies it by grad_output times the reduction's 1/n (formed in
-    fp32) in place, so the loss costs one (N, V) buffer beyond the logits, never two.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, needs_grad):
-        flat, flat_targets, n_counted = prepare_rows(logits, targets, ignore_index)
-        scale = 1.0 if reduction == "sum" else 1.0 / max(n_counted, 1)
-        # Not in place: the caller may still use its logits. Contiguous, so the backward can
-        # scale it as one flat run and view it back as logits' shape. The buffer holds the
-        # unscaled softmax - onehot (entries in [-1, 1]); the mean's 1/n is applied in backward
-        # together with grad_output, in fp32, so a 16-bit buffer is rounded once, after both
-        # (1/n first would push fp16 values into the subnormal range before a loss scale
-        # could lift them).
-        grad = empty(*flat.shape, dtype=flat.dtype, device=flat.device) if needs_grad else None
-        loss_rows, _ = _launch(flat, flat_targets, ignore_index, 1.0, grad)
-        loss = loss_rows.sum() * scale  # "mean": the sum of counted rows / max(n, 1)
-        ctx.scale = scale
-        ctx.dlogits = grad
-        ctx.shape = logits.shape
-        ctx.used = False
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.used:
-            raise RuntimeError("cross_entropy: backward ran twice through the same graph; the gradient buffer "
-                               "is scaled in place to save an (N, V) copy, so recompute the loss instead of "
-                               "using retain_graph=True")
-        if ctx.dlogits is None:  # only reachable by calling apply() with needs_grad=False
-            raise RuntimeError("cross_entropy: the forward ran without computing the gradient (needs_grad=False)")
-        ctx.used = True
-        grad, ctx.dlogits = ctx.dlogits, None
-        # In place, so no second (N, V) buffer; the factor is formed and applied in fp32.
-        factor = grad_output.detach().to(torch.float32) * ctx.scale
-        return scale_(grad, factor).view(ctx.shape), None, None, None, None
-
-
 def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -353,14 +309,15 @@ def cross_entropy(
 
     logits: (..., V) fp32/fp16/bf16; targets: (...) int32/int64 with logits' leading shape, each
     in [0, V) or equal to ``ignore_index`` (not counted). reduction: "mean" over counted
-    targets (0 when none counts) or "sum". Differentiable in logits.
+    targets (0 when none counts) or "sum". Differentiable in logits, through the custom op
+    ``llama_mini::cross_entropy_fwd``: the gradient is computed in the forward launch into a
+    buffer of logits' dtype, unscaled, and the backward multiplies it in place by grad_output
+    times the reduction's 1/n (formed in fp32), so the loss costs one (N, V) buffer beyond the
+    logits, never two, and a second backward through one graph raises.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise TypeError("cross_entropy: logits and targets must be tensors")
-    needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    return CrossEntropyFunction.apply(logits, targets, int(ignore_index), reduction, needs_grad)
+    from .custom_ops import cross_entropy as op
+
+    return op(logits, targets, ignore_index, reduction)
 
 
 # --------------------------------------------------------------------------------------------

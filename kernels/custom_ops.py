@@ -22,14 +22,15 @@ output shapes, dtypes and strides, and, for the forward ops, an autograd formula
     scale_gradient(grad!, factor) -> ()                     grad *= factor in place (fp32 factor)
 
 They are called as ``torch.ops.llama_mini.<name>`` or through the plain functions here
-(``flash_attention``, ``rms_norm``, ``add_rms_norm``, ``apply_rotary``, ``swiglu``,
-``cross_entropy``, ``linear_cross_entropy``), which take the same arguments as the kernel files'
-user functions and are what the model's ``"triton"`` implementations call.
+(``flash_attention``, ``flash_attention_with_lse``, ``rms_norm``, ``add_rms_norm``,
+``apply_rotary``, ``swiglu``, ``cross_entropy``, ``linear_cross_entropy``), which the kernel
+files' user functions and the model's ``"triton"`` implementations both call: this file is the
+third layer (autograd formula, fake implementation, FLOP formula) of every kernel file.
 
 The two losses compute their gradients in the forward (the logits are never kept), so their
 forward ops return the unscaled gradient buffers and the reduction's scale as outputs; the
 backward multiplies them in place by grad_output (``scale_gradient``, declared as mutating its
-first argument), exactly as the eager autograd Functions do, and in eager mode a second
+first argument), so one (N, V) buffer serves forward and backward, and in eager mode a second
 backward through one graph raises. Under ``torch.compile`` the compiled graph saves what its
 backward needs itself: a second backward with ``retain_graph=True`` then runs and gives the same
 gradients (seen with ``aot_eager`` and Inductor on a CPU), and whether the compiled backward
@@ -112,6 +113,17 @@ OP_NAMES = (
 )
 
 
+def _same_device(fn: str, **tensors) -> None:
+    """Raise a ValueError naming the argument when tensor arguments live on different devices.
+    Checked before dispatch: with one argument on ``meta`` the dispatcher would run the fake
+    implementation and return empty tensors instead of the kernel's error. (Device is static
+    under ``torch.compile``: no graph break.)"""
+    first_name, first = next(((n, t) for n, t in tensors.items() if isinstance(t, Tensor)), (None, None))
+    for name, t in tensors.items():
+        if isinstance(t, Tensor) and t.device != first.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}")
+
+
 @torch.compiler.assume_constant_result
 def kernel_constant(module: str, name: str):
     """A constant of a kernel module, e.g. ``kernel_constant("flash_attention", "MAX_HEAD_DIM")``.
@@ -188,14 +200,24 @@ def _flash_backward(ctx, dout, _dlse):
 flash_attention_fwd.register_autograd(_flash_backward, setup_context=_flash_setup)
 
 
+def flash_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                             document_ids: Optional[Tensor] = None,
+                             scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Flash attention through the custom op: (out (B, H, T_q, D), lse (B, H, T_q) fp32) for
+    q (B, H, T_q, D) and k, v (B, H_kv, T_k, D); the contract of
+    ``llama_mini.kernels.flash_attention.flash_attention_with_lse`` (``document_ids`` (B, T_k),
+    bottom-right causal, scale default D^-1/2), traceable by ``torch.compile``."""
+    _same_device("flash_attention", q=q, k=k, v=v)
+    if scale is None and isinstance(q, Tensor):
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.llama_mini.flash_attention_fwd(q, k, v, document_ids, bool(causal),
+                                                    scale if scale is None else float(scale))
+
+
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                     document_ids: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
-    """Flash attention through the custom op: out (B, H, T_q, D) for q (B, H, T_q, D) and k, v
-    (B, H_kv, T_k, D); the contract of ``llama_mini.kernels.flash_attention.flash_attention``
-    (``document_ids`` (B, T_k), bottom-right causal, scale default D^-1/2), traceable by
-    ``torch.compile``."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return torch.ops.llama_mini.flash_attention_fwd(q, k, v, document_ids, bool(causal), scale)[0]
+    """:func:`flash_attention_with_lse`'s out (B, H, T_q, D)."""
+    return flash_attention_with_lse(q, k, v, causal=causal, document_ids=document_ids, scale=scale)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,12 +299,14 @@ add_rms_norm_fwd.register_autograd(_add_rms_backward, setup_context=_add_rms_set
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     """RMSNorm through the custom op (contract of ``llama_mini.kernels.rms_norm.rms_norm``)."""
+    _same_device("rms_norm", x=x, weight=weight)
     return torch.ops.llama_mini.rms_norm_fwd(x, weight, float(eps))[0]
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """(rms_norm(h), h) with h = x + residual, through the custom op (contract of
     ``llama_mini.kernels.rms_norm.add_rms_norm``)."""
+    _same_device("add_rms_norm", x=x, residual=residual, weight=weight)
     y, h, _ = torch.ops.llama_mini.add_rms_norm_fwd(x, residual, weight, float(eps))
     return y, h
 
@@ -326,6 +350,7 @@ def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
                  position_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """RoPE of q (B, T, H, D) and k (B, T, H_kv, D) in one launch, through the custom op
     (contract of ``llama_mini.kernels.rotary.apply_rotary``)."""
+    _same_device("apply_rotary", q=q, k=k, cos=cos, sin=sin, position_ids=position_ids)
     qo, ko = torch.ops.llama_mini.rotary(q, k, cos, sin, position_ids, False)
     return qo, ko
 
@@ -373,6 +398,7 @@ swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 def swiglu(a: Tensor, b: Tensor) -> Tensor:
     """silu(a) * b through the custom op (contract of ``llama_mini.kernels.swiglu.swiglu``)."""
+    _same_device("swiglu", a=a, b=b)
     return torch.ops.llama_mini.swiglu_fwd(a, b)
 
 
@@ -462,6 +488,11 @@ cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
     """Token cross-entropy, a scalar fp32 loss, through the custom op (contract of
     ``llama_mini.kernels.cross_entropy.cross_entropy``)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(logits, Tensor) or not isinstance(targets, Tensor):
+        raise TypeError("cross_entropy: logits and targets must be tensors")
+    _same_device("cross_entropy", logits=logits, targets=targets)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     return torch.ops.llama_mini.cross_entropy_fwd(logits, targets, int(ignore_index), reduction, needs_grad)[0]
 
@@ -522,8 +553,9 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
                          reduction: str = "mean", chunk_size: Optional[int] = None) -> Tensor:
     """cross_entropy(x @ weight^T, targets) without the logits, through the custom op (contract
     of ``llama_mini.kernels.linear_cross_entropy.linear_cross_entropy``)."""
-    need_dx = torch.is_grad_enabled() and x.requires_grad
-    need_dw = torch.is_grad_enabled() and weight.requires_grad
+    _same_device("linear_cross_entropy", x=x, weight=weight, targets=targets)
+    need_dx = torch.is_grad_enabled() and isinstance(x, Tensor) and x.requires_grad
+    need_dw = torch.is_grad_enabled() and isinstance(weight, Tensor) and weight.requires_grad
     return torch.ops.llama_mini.linear_cross_entropy_fwd(x, weight, targets, int(ignore_index), reduction,
                                                          chunk_size, need_dx, need_dw)[0]
 

@@ -808,27 +808,6 @@ def attention_backward(do, q, k, v, o, lse, *, causal: bool = True, document_ids
 # --------------------------------------------------------------------------------------------
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """out, lse = f(q, k, v); gradients flow to q, k, v through ``out`` (``lse`` is a statistic
-    returned for inspection, not differentiable)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, document_ids, scale):
-        o, lse = attention_forward(q, k, v, causal=causal, document_ids=document_ids, scale=scale)
-        ctx.save_for_backward(q, k, v, o, lse, document_ids)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(lse)
-        return o, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: a create_graph use raises
-    def backward(ctx, do, _dlse):
-        q, k, v, o, lse, document_ids = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, causal=ctx.causal, document_ids=document_ids,
-                                        scale=ctx.scale)
-        return dq, dk, dv, None, None, None
-
-
 def cu_seqlens_to_document_ids(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Cumulative document lengths [0, n_0, n_0 + n_1, ..., T] -> ids (1, T): position t gets the
     index of the document it falls in (FlashAttention's varlen convention for one packed row)."""
@@ -858,10 +837,14 @@ def flash_attention_with_lse(q, k, v, *, causal: bool = True, document_ids=None,
 
     q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D) with H % H_kv == 0. ``causal`` is bottom-right
     aligned. ``document_ids`` (B, T_k) or ``cu_seqlens`` (one packed row) restrict attention to
-    each token's document. ``scale`` defaults to D^-1/2. Differentiable in q, k, v.
+    each token's document. ``scale`` defaults to D^-1/2. Differentiable in q, k, v (first order:
+    a second backward raises), through the custom ops ``llama_mini::flash_attention_fwd`` and
+    ``flash_attention_bwd``, so ``torch.compile`` traces it.
     """
+    from .custom_ops import flash_attention_with_lse as op
+
     document_ids = _document_ids(document_ids, cu_seqlens, k)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), document_ids, scale)
+    return op(q, k, v, causal=causal, document_ids=document_ids, scale=scale)
 
 
 def flash_attention(q, k, v, *, causal: bool = True, document_ids=None, cu_seqlens=None,

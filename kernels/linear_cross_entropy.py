@@ -89,7 +89,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import TRITON_DTYPE, check_device, empty, empty_like, is_interpreting
-from .cross_entropy import check_targets, cross_entropy_rows, scale_
+from .cross_entropy import check_targets, cross_entropy_rows
 
 import triton  # noqa: E402  (kernels/__init__ keeps the package importable without triton)
 from triton import cdiv, next_power_of_2  # noqa: E402
@@ -98,7 +98,6 @@ import triton.language as tl  # noqa: E402
 __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_forward",
-    "LinearCrossEntropyFunction",
     "matmul",
     "compute_dtype_for",
     "default_chunk_size",
@@ -413,7 +412,7 @@ def linear_cross_entropy_forward(x, weight, targets, ignore_index: int = -100, r
                                  chunk_size: int | None = None, need_dx: bool = False, need_dw: bool = False):
     """Run the chunked loop. Returns (loss () fp32, dx, dW32, s): dx like x but not yet scaled
     by s (None unless need_dx), dW32 fp32 already scaled by s (None unless need_dw), and the
-    reduction's scale s. :func:`_finish` turns them into the gradients for a grad_output."""
+    reduction's scale s; the backward (``custom_ops``) scales them in place by grad_output."""
     compute = _validate(x, weight, targets, ignore_index, reduction, chunk_size)
     V, C = weight.shape
     N = targets.numel()  # targets has x's leading shape (validated)
@@ -448,45 +447,6 @@ def linear_cross_entropy_forward(x, weight, targets, ignore_index: int = -100, r
     return loss, dx, dw32, scale
 
 
-def _finish(dx, dw32, weight_dtype: torch.dtype, scale: float, grad_output: torch.Tensor):
-    """The gradients for grad_output g: dx * (g s) and dW32 * g in place, factors formed in fp32,
-    then dW cast to the weight's dtype. Each 16-bit result is rounded once."""
-    g = grad_output.detach().to(torch.float32)
-    if dx is not None:
-        dx = scale_(dx, g * scale)
-    if dw32 is not None:
-        dw32 = scale_(dw32, g)
-        dw32 = dw32 if weight_dtype == torch.float32 else dw32.to(weight_dtype)
-    return dx, dw32
-
-
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """loss = f(x, weight); the gradients are computed in the forward (when asked for) and the
-    backward scales them in place by grad_output, once."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, ignore_index, reduction, chunk_size, need_dx, need_dw):
-        loss, dx, dw32, scale = linear_cross_entropy_forward(x, weight, targets, ignore_index, reduction,
-                                                             chunk_size, need_dx, need_dw)
-        ctx.grads = (dx, dw32)  # not inputs or outputs: plain attributes, handed over in backward
-        ctx.scale, ctx.weight_dtype = scale, weight.dtype
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError("linear_cross_entropy: backward ran twice through the same graph; its gradients "
-                               "were computed in the forward and handed over (scaled in place) by the first "
-                               "backward. Recompute the loss instead of using retain_graph=True.")
-        dx, dw32 = ctx.grads
-        ctx.grads = None
-        # In place, factors read in fp32 by the kernel: tensor.mul_ would round grad_output to a
-        # 16-bit gradient's dtype first, a systematic bias for e.g. 1/3.
-        dx, dw = _finish(dx, dw32, ctx.weight_dtype, ctx.scale, grad_loss)
-        return dx, dw, None, None, None, None, None, None
-
-
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                          reduction: str = "mean", chunk_size: int | None = None) -> torch.Tensor:
     """cross_entropy(x @ weight^T, targets) without materialising the logits; a scalar fp32 loss.
@@ -494,14 +454,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x: (..., C) fp16/bf16/fp32; weight: (V, C) fp16/bf16/fp32 (fp32 with 16-bit x computes in
     the 16-bit type); targets: (...) integers in [0, V) or ``ignore_index``. reduction "mean"
     (over counted targets; 0 when none counts) or "sum". ``chunk_size``: tokens per chunk
-    (default :func:`default_chunk_size`). Differentiable in x and weight.
+    (default :func:`default_chunk_size`). Differentiable in x and weight, through the custom op
+    ``llama_mini::linear_cross_entropy_fwd``: dx and dW are computed in the forward (only those
+    that are needed) and scaled in place by the first backward.
     """
-    need_dx = torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad
-    need_dw = torch.is_grad_enabled() and isinstance(weight, torch.Tensor) and weight.requires_grad
-    if need_dx or need_dw:
-        return LinearCrossEntropyFunction.apply(x, weight, targets, ignore_index, reduction, chunk_size,
-                                                need_dx, need_dw)
-    return linear_cross_entropy_forward(x, weight, targets, ignore_index, reduction, chunk_size)[0]
+    from .custom_ops import linear_cross_entropy as op
+
+    return op(x, weight, targets, ignore_index, reduction, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------

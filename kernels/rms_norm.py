@@ -72,8 +72,6 @@ import triton.language as tl  # noqa: E402
 __all__ = [
     "rms_norm",
     "add_rms_norm",
-    "RMSNormFunction",
-    "AddRMSNormFunction",
     "rms_norm_forward",
     "add_rms_norm_forward",
     "rms_norm_backward",
@@ -407,56 +405,24 @@ def rms_norm_backward(
 # --------------------------------------------------------------------------------------------
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """y = f(x, weight, eps); gradients to x and weight."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = rms_norm_forward(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(dy, x, weight, rstd)
-        return dx, dw, None
-
-
-class AddRMSNormFunction(torch.autograd.Function):
-    """(y, h) = f(x, residual, weight, eps); gradients to x, residual and weight. Since
-    h = x + residual, d x = d residual = dh + (the norm's dx), computed in one kernel."""
-
-    @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        y, h, rstd = add_rms_norm_forward(x, residual, weight, eps)
-        ctx.save_for_backward(h, weight, rstd)
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
-        return y, h
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dh):
-        h, weight, rstd = ctx.saved_tensors
-        if dy is None:  # only h was used downstream: the norm contributes nothing
-            return dh, dh, None, None
-        dx, dw = rms_norm_backward(dy, h, weight, rstd, dh=dh)
-        return dx, dx, dw, None
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the last dim: x (..., C), weight (C,). Returns y (..., C) in
-    promote_types(x.dtype, weight.dtype). Differentiable in x and weight."""
-    return RMSNormFunction.apply(x, weight, eps)
+    promote_types(x.dtype, weight.dtype). Differentiable in x and weight, through the custom op
+    ``llama_mini::rms_norm_fwd`` (backward ``rms_norm_bwd``), so ``torch.compile`` traces it."""
+    from .custom_ops import rms_norm as op
+
+    return op(x, weight, eps)
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual (in x's dtype) and y = rms_norm(h, weight, eps), fused. x, residual:
-    (..., C) of one shape and dtype; weight (C,). Returns (y, h); differentiable in all three."""
-    return AddRMSNormFunction.apply(x, residual, weight, eps)
+    (..., C) of one shape and dtype; weight (C,). Returns (y, h); differentiable in all three
+    (d x = d residual = dh + the norm's dx, in one kernel), through ``llama_mini::add_rms_norm_fwd``."""
+    from .custom_ops import add_rms_norm as op
+
+    return op(x, residual, weight, eps)
 
 
 # --------------------------------------------------------------------------------------------

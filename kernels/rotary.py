@@ -58,7 +58,6 @@ import triton.language as tl  # noqa: E402
 __all__ = [
     "apply_rotary",
     "rotary_forward",
-    "RotaryFunction",
     "rotary_config",
     "aot_specs",
     "MAX_TILE",
@@ -252,31 +251,16 @@ def rotary_forward(q, k, cos, sin, position_ids=None, *, inverse: bool = False, 
 # --------------------------------------------------------------------------------------------
 
 
-class RotaryFunction(torch.autograd.Function):
-    """(q_out, k_out) = rotate(q, k) by the angles of each token's position. Gradients flow to
-    q and k (the inverse rotation of dq_out, dk_out); cos, sin, position_ids get none."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids):
-        qo, ko = rotary_forward(q, k, cos, sin, position_ids)
-        ctx.save_for_backward(cos, sin, position_ids)
-        return qo, ko
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dqo, dko):
-        cos, sin, position_ids = ctx.saved_tensors
-        dq, dk = rotary_forward(dqo, dko, cos, sin, position_ids, inverse=True, check_positions=False)
-        return dq, dk, None, None, None
-
-
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate queries (B, T, H, D) and keys (B, T, Hkv, D) by RoPE angles; returns new
     contiguous (q_out, k_out). cos, sin: (L, D/2) tables; position_ids: (B, T) rows of the
     tables to use, or None for rows 0..T-1. Matches ``llama_mini.kernels.reference.apply_rotary_qk``.
-    Differentiable in q and k."""
-    return RotaryFunction.apply(q, k, cos, sin, position_ids)
+    Differentiable in q and k (the gradient is the inverse rotation), through the custom op
+    ``llama_mini::rotary``."""
+    from .custom_ops import apply_rotary as op
+
+    return op(q, k, cos, sin, position_ids)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import triton  # noqa: E402  (kernels/__init__ keeps the package importable with
 from triton import cdiv, next_power_of_2  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-__all__ = ["swiglu", "swiglu_forward", "swiglu_backward", "SwiGLUFunction", "swiglu_config", "aot_specs",
+__all__ = ["swiglu", "swiglu_forward", "swiglu_backward", "swiglu_config", "aot_specs",
            "MAX_BLOCK", "INTERPRETER_BLOCK"]
 
 MAX_BLOCK = 1024
@@ -170,26 +170,14 @@ def swiglu_backward(dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple
 # --------------------------------------------------------------------------------------------
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    """y = silu(a) * b; saves a and b (not the activation) and recomputes sigmoid(a) in backward."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        y = swiglu_forward(a, b)
-        ctx.save_for_backward(a, b)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        a, b = ctx.saved_tensors
-        return swiglu_backward(dy, a, b)
-
-
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b for a, b of shape (..., hidden) (same shape and dtype, last dim contiguous,
-    any row strides). Matches ``llama_mini.kernels.reference.swiglu``; differentiable in a and b."""
-    return SwiGLUFunction.apply(a, b)
+    any row strides). Matches ``llama_mini.kernels.reference.swiglu``; differentiable in a and b
+    through the custom op ``llama_mini::swiglu_fwd`` (its backward saves a and b, not the
+    activation, and recomputes sigmoid(a))."""
+    from .custom_ops import swiglu as op
+
+    return op(a, b)
 
 
 # --------------------------------------------------------------------------------------------

@@ -353,7 +353,7 @@ def test_double_backward_is_refused():
     (gq,) = torch.autograd.grad(flash_attention(q, k, v).sum(), q, create_graph=True)
     # the first-order gradient carries no graph, so a second backward fails loudly instead of
     # silently dropping second-order terms
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         gq.sum().backward()
 
 

@@ -507,7 +507,7 @@ class Trainer:
         lines += [
             f"  throughput     {s['tok_s']:,.0f} tokens/s"
             + (f", {s['host_syncs']} host syncs per step" if s["host_syncs"] is not None else ""),
-            f"  MFU            " + (f"{s['mfu']:.1%} of the datasheet peak ({s['mfu_ceilings']['peak_note']}, "
+            "  MFU            " + (f"{s['mfu']:.1%} of the datasheet peak ({s['mfu_ceilings']['peak_note']}, "
                                     f"{fmt_tflops(s['mfu_ceilings']['peak'])}); " if s["mfu"] is not None else "")
             + f"{fmt(s['mfu_matmul'], '.1%')} of the matmul rate ({s['mfu_ceilings']['matmul_note']}, "
               f"{fmt_tflops(s['mfu_ceilings']['matmul'])})",
